@@ -1,0 +1,136 @@
+// softmax_entropy on CUDA: one block per row, block reductions in the accumulation
+// type, launched on the current stream. Same formulas as the CPU kernel (fcl_ext/math.h).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "fcl_ext/checks.h"
+#include "fcl_ext/cuda_utils.cuh"
+#include "fcl_ext/math.h"
+
+namespace fcl_ext {
+namespace {
+
+template <typename scalar_t, typename opmath_t>
+__global__ void softmax_entropy_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ entropy,
+                                           opmath_t* __restrict__ stats, int64_t C, opmath_t eps) {
+  __shared__ opmath_t shared[32];
+  const scalar_t* row = x + blockIdx.x * C;
+  opmath_t m = -std::numeric_limits<opmath_t>::infinity();
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) m = fmax(m, static_cast<opmath_t>(row[c]));
+  m = cuda::block_max(m, shared);
+  if (m == -std::numeric_limits<opmath_t>::infinity()) {
+    if (threadIdx.x == 0) {
+      const opmath_t nan = std::numeric_limits<opmath_t>::quiet_NaN();
+      entropy[blockIdx.x] = static_cast<scalar_t>(nan);
+      stats[3 * blockIdx.x] = m;
+      stats[3 * blockIdx.x + 1] = nan;
+      stats[3 * blockIdx.x + 2] = nan;
+    }
+    return;
+  }
+  opmath_t s = 0, t = 0;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    opmath_t d = static_cast<opmath_t>(row[c]) - m, e = ::exp(d);
+    s += e;
+    t += e == opmath_t(0) ? opmath_t(0) : e * d;
+  }
+  s = cuda::block_sum(s, shared);
+  t = cuda::block_sum(t, shared);
+  const opmath_t log_s = ::log(s);
+  opmath_t h, abar;
+  if (eps == opmath_t(0)) {
+    h = log_s - t / s;
+    abar = h - opmath_t(1);
+  } else {
+    opmath_t hh = 0, q = 0;
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      opmath_t p = ::exp((static_cast<opmath_t>(row[c]) - m) - log_s);
+      hh += p * ::log(p + eps);
+      q += p * p / (p + eps);
+    }
+    hh = cuda::block_sum(hh, shared);
+    q = cuda::block_sum(q, shared);
+    h = -hh;
+    abar = h - q;
+  }
+  if (threadIdx.x == 0) {
+    entropy[blockIdx.x] = static_cast<scalar_t>(h);
+    stats[3 * blockIdx.x] = m;
+    stats[3 * blockIdx.x + 1] = log_s;
+    stats[3 * blockIdx.x + 2] = abar;
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+__global__ void softmax_entropy_bwd_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ x,
+                                           const opmath_t* __restrict__ stats, scalar_t* __restrict__ grad_x,
+                                           int64_t C, opmath_t eps) {
+  const int64_t r = blockIdx.x;
+  const opmath_t m = stats[3 * r], log_s = stats[3 * r + 1], abar = stats[3 * r + 2];
+  const opmath_t g = static_cast<opmath_t>(grad_h[r]);
+  const scalar_t* row = x + r * C;
+  scalar_t* out = grad_x + r * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    opmath_t logp = (static_cast<opmath_t>(row[c]) - m) - log_s, p = ::exp(logp);
+    out[c] = static_cast<scalar_t>(p == opmath_t(0) ? opmath_t(0)
+                                                    : g * p * (math::entropy_dp(p, logp, eps) - abar));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits, double eps) {
+  check_floating(logits, "logits");
+  check_dim_at_least(logits, 1, "logits");
+  TORCH_CHECK(eps >= 0, "fcl_ext: eps must be >= 0, got ", eps);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t C = logits.size(-1);
+  const auto x = logits.contiguous();
+  const int64_t rows = C == 0 ? 0 : x.numel() / C;
+  auto entropy = at::empty(logits.sizes().slice(0, logits.dim() - 1), logits.options());
+  auto stats = at::empty({rows, 3}, logits.options().dtype(at::toOpMathType(logits.scalar_type())));
+  if (rows == 0) return {entropy, stats};
+  TORCH_CHECK(C > 0, "fcl_ext: logits must have at least one class (last dim > 0)");
+  TORCH_CHECK(rows <= INT32_MAX, "fcl_ext: too many rows for one launch: ", rows);
+  const int threads = cuda::row_block_threads(C);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_entropy_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    softmax_entropy_fwd_kernel<scalar_t, opmath_t><<<rows, threads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), entropy.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<opmath_t>(), C,
+        static_cast<opmath_t>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {entropy, stats};
+}
+
+at::Tensor softmax_entropy_backward_cuda(const at::Tensor& grad_entropy, const at::Tensor& logits,
+                                         const at::Tensor& stats, double eps) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t C = logits.size(-1);
+  const auto x = logits.contiguous();
+  const auto g = grad_entropy.contiguous();
+  const auto st = stats.contiguous();
+  auto grad = at::empty_like(x);
+  const int64_t rows = C == 0 ? 0 : x.numel() / C;
+  if (rows == 0) return grad;
+  const int threads = cuda::row_block_threads(C);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_entropy_backward_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    softmax_entropy_bwd_kernel<scalar_t, opmath_t><<<rows, threads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), st.const_data_ptr<opmath_t>(),
+        grad.mutable_data_ptr<scalar_t>(), C, static_cast<opmath_t>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fcl_ext, CUDA, m) {
+  m.impl("softmax_entropy", &softmax_entropy_cuda);
+  m.impl("_softmax_entropy_backward", &softmax_entropy_backward_cuda);
+}
+
+}  // namespace fcl_ext

@@ -1,0 +1,31 @@
+// The one place every fcl_ext operator schema lives. Kernel files (csrc/cpu/*.cpp,
+// csrc/cuda/*.cu) register their implementations with TORCH_LIBRARY_IMPL; fake
+// (meta) kernels and autograd are registered from Python (fcl_ext/_registrations.py).
+//
+// The module has no Python bindings of its own: importing fcl_ext._C only loads the
+// shared library so that the static registrations below run.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fcl_ext operator library (registers torch.ops.fcl_ext.*)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fcl_ext, m) {
+  // ---- softmax_entropy ----------------------------------------------------------
+  // Per-row Shannon entropy of softmax(logits) over the last dim. `stats` [rows, 3] holds,
+  // per row and in the accumulation dtype, (max, log-sum-exp of x - max, abar) so that the
+  // backward is one elementwise pass: dH/dx_j = p_j * (a_j - abar), a_j = -(log(p_j+eps) + p_j/(p_j+eps)).
+  m.def("softmax_entropy(Tensor logits, float eps) -> (Tensor entropy, Tensor stats)");
+  m.def("_softmax_entropy_backward(Tensor grad_entropy, Tensor logits, Tensor stats, float eps) -> Tensor");
+
+  // ---- glfc losses (issue 3) -----------------------------------------------------
+
+  // ---- fccl losses (issue 4) -----------------------------------------------------
+
+  // ---- gradient matching / lbfgs (issue 5) -------------------------------------
+}

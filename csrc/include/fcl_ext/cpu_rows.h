@@ -1,0 +1,78 @@
+// Helpers for CPU kernels that work row by row on a [rows, C] view.
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <vector>
+
+namespace fcl_ext {
+namespace cpu {
+
+// Rows per parallel task: aim for ~32K elements per chunk so small C still amortises
+// the OpenMP overhead and large C still splits across threads.
+inline int64_t row_grain(int64_t cols) {
+  const int64_t target = 32768;
+  const int64_t g = cols > 0 ? target / cols : target;
+  return g < 1 ? 1 : g;
+}
+
+// Reduced-precision rows are widened into a per-thread float buffer so one vectorised
+// float code path serves float, half and bfloat16.
+template <typename scalar_t, typename opmath_t>
+inline const opmath_t* widen_row(const scalar_t* src, int64_t n, std::vector<opmath_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    return src;
+  } else {
+    buf.resize(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<opmath_t>(src[i]);
+    return buf.data();
+  }
+}
+
+// Where to write an opmath result row: in place for float/double, else a scratch buffer
+// that narrow_row() then converts into the output.
+template <typename scalar_t, typename opmath_t>
+inline opmath_t* narrow_target(scalar_t* dst, std::vector<opmath_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    return dst;
+  } else {
+    return buf.data();
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void narrow_row(const opmath_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (!std::is_same_v<scalar_t, opmath_t>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+template <typename T>
+inline T vec_max(const T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if (n >= Vec::size()) {
+    Vec vm(m);
+    for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+    T tmp[Vec::size()];
+    vm.store(tmp);
+    for (int k = 0; k < Vec::size(); ++k) m = tmp[k] > m ? tmp[k] : m;
+  }
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+template <typename T>
+inline T vec_hsum(const at::vec::Vectorized<T>& v) {
+  T tmp[at::vec::Vectorized<T>::size()];
+  v.store(tmp);
+  T s = 0;
+  for (int k = 0; k < at::vec::Vectorized<T>::size(); ++k) s += tmp[k];
+  return s;
+}
+
+}  // namespace cpu
+}  // namespace fcl_ext

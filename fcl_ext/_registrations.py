@@ -1,0 +1,88 @@
+"""Fake (shape) kernels and autograd formulas for every fcl_ext op.
+
+Forward ops save small per-row statistics; each backward is its own private op
+(`_<op>_backward`), which raises on double backward.
+"""
+import torch
+from torch.library import register_autograd, register_fake
+
+from fcl_ext._build_info import BUILD_INFO
+
+_OPMATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _OPMATH.get(dtype, dtype)
+
+
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fcl_ext: double backward through {name} is not supported")
+    return backward
+
+
+# Every private backward op refuses to be differentiated again.
+_BACKWARD_OPS = []
+
+
+def _register_backward_op(qualname: str):
+    _BACKWARD_OPS.append(qualname)
+    register_autograd(qualname, _no_double_backward(qualname))
+
+
+# A CPU-only build has no CUDA kernels: say so instead of the dispatcher's generic error.
+_ALL_OPS = []
+
+
+def _guard_cuda(qualname: str):
+    _ALL_OPS.append(qualname)
+    if BUILD_INFO["cuda_kernels"]:
+        return
+
+    def no_cuda(*args, **kwargs):
+        raise RuntimeError(
+            f"fcl_ext: {qualname} got a CUDA tensor, but this build has no CUDA kernels "
+            f"({BUILD_INFO['cuda_reason']}). Rebuild with a CUDA torch and nvcc "
+            "(FCL_EXT_CUDA=1 pip install --no-build-isolation -e .).")
+
+    torch.library.impl(qualname, "CUDA")(no_cuda)
+
+
+# ---- softmax_entropy ------------------------------------------------------------
+
+@register_fake("fcl_ext::softmax_entropy")
+def _softmax_entropy_fake(logits, eps):
+    rows = logits.numel() // logits.shape[-1] if logits.shape[-1] != 0 else 0
+    entropy = logits.new_empty(logits.shape[:-1])
+    stats = logits.new_empty((rows, 3), dtype=opmath_dtype(logits.dtype))
+    return entropy, stats
+
+
+@register_fake("fcl_ext::_softmax_entropy_backward")
+def _softmax_entropy_backward_fake(grad_entropy, logits, stats, eps):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _softmax_entropy_setup(ctx, inputs, output):
+    logits, eps = inputs
+    _, stats = output
+    ctx.save_for_backward(logits, stats)
+    ctx.eps = eps
+
+
+def _softmax_entropy_backward(ctx, grad_entropy, grad_stats):
+    logits, stats = ctx.saved_tensors
+    grad = torch.ops.fcl_ext._softmax_entropy_backward(grad_entropy, logits, stats, ctx.eps)
+    return grad, None
+
+
+register_autograd("fcl_ext::softmax_entropy", _softmax_entropy_backward, setup_context=_softmax_entropy_setup)
+_register_backward_op("fcl_ext::_softmax_entropy_backward")
+for _op in ("fcl_ext::softmax_entropy", "fcl_ext::_softmax_entropy_backward"):
+    _guard_cuda(_op)
+
+# ---- glfc losses (issue 3) ------------------------------------------------------
+
+# ---- fccl losses (issue 4) ------------------------------------------------------
+
+# ---- gradient matching / lbfgs (issue 5) ---------------------------------------
