@@ -8,7 +8,11 @@ import torch.nn.functional as F
 
 from fcl_ext._checks import reduce
 
-__all__ = ["softmax_entropy"]
+__all__ = [
+    "softmax_entropy",
+    "gradient_compensation_weights", "gradient_compensated_bce", "relation_distillation_bce", "glfc_loss",
+    "cross_correlation_matrix", "cross_correlation_loss", "dual_distillation_loss",
+]
 
 
 # ---- softmax_entropy ------------------------------------------------------------
@@ -25,7 +29,107 @@ def softmax_entropy(logits: torch.Tensor, *, reduction: str = "mean", eps: float
     return reduce(entropy.to(logits.dtype), reduction)
 
 # ---- glfc losses (issue 3) ------------------------------------------------------
+# GLFC's local objective as its reference code computes it (specs/glfc.md 1.2-1.3).
+
+def as_old_class_mask(old_class_mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A bool mask [C]; a 1-D integer tensor of class ids is converted."""
+    if old_class_mask.dtype == torch.bool:
+        return old_class_mask
+    mask = torch.zeros(num_classes, dtype=torch.bool, device=old_class_mask.device)
+    mask[old_class_mask.long()] = True
+    return mask
+
+
+def gradient_compensation_weights(logits, labels, old_class_mask):
+    """Per-sample weights w [N] of L_GC (no gradient).
+
+    G_i = 1 - sigmoid(o_{i, y_i}); w_i = G_i / mean(G over i's group (old or new classes)),
+    or 1 for everyone when the client holds no old classes. A group whose mean G is 0
+    gets w = 1 (the reference code divides by zero there).
+    """
+    n, c = logits.shape
+    mask = as_old_class_mask(old_class_mask, c)
+    with torch.no_grad():
+        g = 1 - torch.sigmoid(logits.gather(1, labels.view(-1, 1)).squeeze(1).float()).to(
+            torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        if not bool(mask.any()):
+            return torch.ones_like(g)
+        is_old = mask[labels]
+        w = torch.ones_like(g)
+        for group in (is_old, ~is_old):
+            if bool(group.any()):
+                mean_g = g[group].mean()
+                if mean_g > 0:
+                    w[group] = g[group] / mean_g
+        return w
+
+
+def gradient_compensated_bce(logits, labels, old_class_mask, *, reduction="mean", return_weights=False):
+    """L_GC = (1/(N C)) sum_i w_i sum_c BCEwithlogits(o_ic, onehot(y)_ic)."""
+    n, c = logits.shape
+    target = F.one_hot(labels, c).to(logits.dtype)
+    w = gradient_compensation_weights(logits, labels, old_class_mask)
+    rows = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1) / c
+    per_sample = w.to(rows.dtype) * rows
+    out = reduce(per_sample, reduction)
+    return (out, w) if return_weights else out
+
+
+def relation_distillation_bce(logits, labels, old_logits, *, reduction="mean"):
+    """L_RD = (1/(N C)) sum BCEwithlogits(o, [sigmoid(q) || onehot(y)[:, C_old:]]); no grad to q."""
+    n, c = logits.shape
+    target = F.one_hot(labels, c).to(logits.dtype)
+    c_old = old_logits.shape[1]
+    target = torch.cat([torch.sigmoid(old_logits.detach()).to(logits.dtype), target[:, c_old:]], dim=1)
+    per_sample = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1) / c
+    return reduce(per_sample, reduction)
+
+
+def glfc_loss(logits, labels, old_class_mask, old_logits=None, *, gc_weight=0.5, rd_weight=0.5,
+              return_weights=False):
+    """gc_weight * L_GC + rd_weight * L_RD with an old model's logits, L_GC alone without."""
+    gc, w = gradient_compensated_bce(logits, labels, old_class_mask, return_weights=True)
+    if old_logits is None:
+        loss = gc
+    else:
+        loss = gc_weight * gc + rd_weight * relation_distillation_bce(logits, labels, old_logits)
+    return (loss, w) if return_weights else loss
+
 
 # ---- fccl losses (issue 4) ------------------------------------------------------
+# FCCL's collaborative and local objectives (specs/fccl.md 1.3-1.4).
+
+def cross_correlation_matrix(a, b, *, unbiased=True, eps=0.0):
+    """M = a_hat^T b_hat / B with per-column batch standardisation (var unbiased or biased)."""
+    def standardise(z):
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=unbiased) + eps)
+    return standardise(a).T @ standardise(b) / a.shape[0]
+
+
+def cross_correlation_loss(a, b, *, off_diag_weight=0.0051, off_diag_target=-1.0, unbiased=True, eps=0.0):
+    """sum_u (M_uu - 1)^2 + lambda sum_{u != v} (M_uv - tau)^2.
+
+    FCCL: tau = -1, unbiased, eps = 0. Barlow Twins: tau = 0, biased, eps = 1e-5.
+    """
+    m = cross_correlation_matrix(a, b, unbiased=unbiased, eps=eps)
+    on_diag = (torch.diagonal(m) - 1).pow(2).sum()
+    off = ~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)
+    off_diag = (m[off] - off_diag_target).pow(2).sum()
+    return on_diag + off_diag_weight * off_diag
+
+
+def dual_distillation_loss(logits, labels, intra_logits=None, inter_logits=None, *, temperature=1.0,
+                           ce_weight=1.0, intra_weight=1.0, inter_weight=1.0, temperature_squared=False):
+    """w_ce CE(s, y) + w_intra KL(p_intra || q) + w_inter KL(p_inter || q), KL batchmean, q = softmax(s/T)."""
+    loss = ce_weight * F.cross_entropy(logits, labels)
+    log_q = F.log_softmax(logits / temperature, dim=1)
+    scale = temperature ** 2 if temperature_squared else 1.0
+    for teacher, weight in ((intra_logits, intra_weight), (inter_logits, inter_weight)):
+        if teacher is None:
+            continue
+        log_p = F.log_softmax(teacher.detach() / temperature, dim=1)
+        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+        loss = loss + weight * scale * kl
+    return loss
 
 # ---- gradient matching / lbfgs (issue 5) ---------------------------------------
