@@ -26,6 +26,7 @@ except Exception:  # pragma: no cover - depends on the build
 __all__ = ["build_encoder", "encode", "recover", "reconstruct", "HAVE_FCL_EXT_RECONSTRUCT"]
 
 HAVE_FCL_EXT_RECONSTRUCT = _fx_reconstruct is not None
+_warned: list = []
 
 
 class _FallbackLeNet(nn.Module):
@@ -84,8 +85,6 @@ def encode(encoder, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def _fc_weight_slice(encoder, num_params: int):
     """Where the last Linear's weight sits in the flat gradient (parameter order)."""
     offset, found = 0, None
-    for module in encoder.modules():
-        pass
     last_linear = [m for m in encoder.modules() if isinstance(m, nn.Linear)][-1]
     for p in encoder.parameters():
         if p is last_linear.weight:
@@ -113,7 +112,9 @@ def reconstruct(encoder, grads: torch.Tensor, labels: torch.Tensor, proxy_cfg, i
         out = _fx_reconstruct.reconstruct_from_gradients(encoder, grads, labels, **kw)
         iterates, losses = out[0], out[1]
         return iterates, losses
-    warnings.warn("fcl_ext.reconstruct is not in this build: using the slow sequential fallback", stacklevel=2)
+    if not _warned:
+        warnings.warn("fcl_ext.reconstruct is not in this build: using the slow sequential fallback", stacklevel=2)
+        _warned.append(True)
     keep = max(1, min(proxy_cfg.keep_last, proxy_cfg.steps))
     for p in encoder.parameters():
         p.requires_grad_(True)
@@ -137,7 +138,7 @@ def reconstruct(encoder, grads: torch.Tensor, labels: torch.Tensor, proxy_cfg, i
                 if step >= proxy_cfg.steps - keep:
                     kept.append(x.detach()[0].clone())
             all_iterates.append(torch.stack(kept))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for p in encoder.parameters():
             p.requires_grad_(False)
