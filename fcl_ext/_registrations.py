@@ -32,6 +32,7 @@ def _register_backward_op(qualname: str):
 
 # A CPU-only build has no CUDA kernels: say so instead of the dispatcher's generic error.
 _ALL_OPS = []
+_CUDA_GUARDS = {}  # qualname -> the CUDA stub registered in a CPU-only build (tests call it)
 
 
 def _guard_cuda(qualname: str):
@@ -45,6 +46,7 @@ def _guard_cuda(qualname: str):
             f"({BUILD_INFO['cuda_reason']}). Rebuild with a CUDA torch and nvcc "
             "(FCL_EXT_CUDA=1 pip install --no-build-isolation -e .).")
 
+    _CUDA_GUARDS[qualname] = no_cuda
     torch.library.impl(qualname, "CUDA")(no_cuda)
 
 
