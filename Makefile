@@ -36,10 +36,10 @@ $(STAMPS)/deps: $(STAMPS)/torch
 	$(PY) -m pip install -q $(DEPS)
 	@touch $@
 
-# The editable install (console script `fcl-ext`) happens once; afterwards build_ext --inplace
-# recompiles only what changed (ninja).
+# The editable install (packages + console script `fcl-ext`) happens once and compiles
+# nothing; build_ext --inplace compiles the extension and afterwards only what changed (ninja).
 $(STAMPS)/install: $(STAMPS)/deps
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	FCL_EXT_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
 install: $(STAMPS)/install
