@@ -73,3 +73,23 @@ def test_loss_backends_agree(tmp_path):
     for k in sa:
         if sa[k].is_floating_point():
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_clients_send_only_weights_and_prototype_gradients(tmp_path):
+    """Without the PSNR audit, an update carries the model, counts, the signal and [K, P] gradients:
+    no images, no labels of the prototypes (the proxy recovers them from the gradients)."""
+    from python_api.engine import InProcessEngine
+    from python_api.methods.glfc import GLFCServer
+    server = GLFCServer(tiny_config("proxy.psnr=false"), tmp_path, torch.device("cpu"))
+    engine = InProcessEngine(server, progress=False)
+    engine.audit = True
+    record = server.run_round(0, engine)
+    replies = [m for m in engine.messages_carried if m[0] == "reply"]
+    assert {kind for _, kind, _, _ in replies} == {"update", "refreshed"}
+    for _, kind, _, payload in replies:
+        allowed = {"state", "num_samples", "signal", "loss", "proto_grads", "old_model_id"} if kind == "update" \
+            else {"signal"}
+        assert set(payload) <= allowed, set(payload) - allowed
+        if kind == "update" and payload["proto_grads"] is not None:
+            assert payload["proto_grads"].dim() == 2 and payload["proto_grads"].shape[0] == 2
+    assert record["num_gradients"] == 4 and record["psnr_mean"] is None
