@@ -246,3 +246,21 @@ def test_fedavg_unweighted_weighted_and_integer_buffers():
     assert avg["w"].tolist() == [2.0, 4.0] and avg["n"].item() == 3 and avg["n"].dtype == torch.long
     weighted = fedavg([s1, s2], weights=[3, 1])
     assert weighted["w"].tolist() == [1.5, 3.5]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_second_signal_in_a_task_double_counts_unless_switched(skip):
+    random.seed(4)
+    ctx = _fake_ctx(num_classes=4, task_size=2, per_class=10, memory=8)
+    ctx.cfg.client.skip_relearned_classes = skip
+    client = GLFCClient(0, ctx)
+    model = ClassReader(4, known=[])
+    client.before_train(0, 1)
+    client.before_train(1, 1)                  # task 1: last_class = the task-0 classes
+    first = list(client.last_class)
+    for _ in range(2):                         # two signals within the same task
+        client.last_entropy = -100.0
+        client.update_new_set(model)
+    assert client.learned_classes == (first if skip else first + first)
+    assert len(client.exemplar_sets) == len(client.learned_classes)
+    assert sum(len(e) for e in client.exemplar_sets) <= 8
