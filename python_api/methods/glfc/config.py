@@ -63,7 +63,7 @@ class ClientConfig:
 
 @dataclass
 class ProxyConfig:
-    enabled: bool = True
+    enabled: bool = True                    # false: no prototypes, no best old model -> no L_RD (ablation)
     shuffle_pool: bool = False              # shuffle the gradient pool (paper) — the reference does not (§4.2-14)
     steps: int = 250                        # L-BFGS outer steps per gradient
     max_iter: int = 20
