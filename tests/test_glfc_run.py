@@ -105,11 +105,11 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     from pathlib import Path
 
     from tests.glfc_tiny import TINY
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(root))
+    # the child must import exactly the modules this process uses (same fcl_ext build)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path.cwd()), *[p for p in sys.path if p]]))
     proc = subprocess.Popen([sys.executable, "-m", "python_api", "train", "glfc", "--out", str(out), *TINY],
-                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=Path.cwd(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (out / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
