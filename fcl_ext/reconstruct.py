@@ -138,12 +138,14 @@ def encode_gradients(encoder: nn.Module, images: torch.Tensor, labels: torch.Ten
     return torch.cat([grads[n].reshape(images.shape[0], -1) for n in names], dim=1)
 
 
-def per_sample_gradients(encoder: LeNetEncoder, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_sample_gradients(encoder: LeNetEncoder, images: torch.Tensor, labels: torch.Tensor, *,
+                         flatten: bool = True):
     """The same [K, P] gradients as encode_gradients, written out layer by layer.
 
     Built from differentiable ops (unfold + bmm for the per-sample conv weight gradients,
     conv_transpose2d for the input gradients), so autograd can take d/dx of any function
-    of them: the batched reconstruction closure's double backward.
+    of them: the batched reconstruction closure's double backward. flatten=False returns
+    the per-parameter [K, numel] blocks instead of their concatenation.
     """
     params = [p.detach() for p in encoder.parameters()]
     acts, x = [images], images
@@ -156,7 +158,8 @@ def per_sample_gradients(encoder: LeNetEncoder, images: torch.Tensor, labels: to
     logits = F.linear(features, fc_w, fc_b)
     # d CE / d logits = softmax - onehot (batch of one per problem, so mean == sum)
     delta = torch.softmax(logits, dim=1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-    out = [delta.unsqueeze(2) * features.unsqueeze(1), delta]
+    # outer products as bmm: their backward is two bmm reductions, no [K, C, F] temporaries
+    out = [torch.bmm(delta.unsqueeze(2), features.unsqueeze(1)), delta]
     delta_act = (delta @ fc_w).view_as(x)
     for i in range(len(encoder.convs) - 1, -1, -1):
         conv, a, a_prev = encoder.convs[i], acts[i + 1], acts[i]
@@ -170,7 +173,8 @@ def per_sample_gradients(encoder: LeNetEncoder, images: torch.Tensor, labels: to
                                                 + conv.kernel_size[d]) for d in range(2)]
             delta_act = F.conv_transpose2d(delta_pre, w, stride=conv.stride, padding=conv.padding,
                                            output_padding=out_pad)
-    return torch.cat([t.reshape(k, -1) for t in out], dim=1)
+    out = [t.reshape(k, -1) for t in out]
+    return torch.cat(out, dim=1) if flatten else out
 
 
 def recover_labels(grads, encoder: Optional[nn.Module] = None) -> torch.Tensor:
@@ -396,12 +400,26 @@ def _check_common(encoder, target, labels, optimizer, metric, steps, keep_last):
 
 
 def _matching_objective(encoder, target, labels, metric):
-    shape = encoder.input_shape
+    """objective(x_rows, idx) -> (loss [n], d loss / d x [n, D]) for problems idx, in one batch."""
+    shape, k = encoder.input_shape, target.shape[0]
+    layout = parameter_layout(encoder)
+    # l2 is a sum over parameters: match block by block against contiguous target blocks,
+    # which spares concatenating the per-sample gradients (and its backward).
+    blocks = [target[:, s.start:s.stop].contiguous() for s in layout] if metric == "l2" else None
 
     def objective(x_rows, idx):
+        everyone = idx.numel() == k  # skip the gathers when every problem is evaluated
         x = x_rows.detach().view(-1, *shape).requires_grad_(True)
-        grads = per_sample_gradients(encoder, x, labels[idx])
-        loss = ops.gradient_matching_loss(grads, target[idx], metric=metric)
+        lab = labels if everyone else labels[idx]
+        if blocks is not None:
+            parts = per_sample_gradients(encoder, x, lab, flatten=False)
+            loss = None
+            for g, t in zip(parts, blocks):
+                term = ops.gradient_matching_loss(g, t if everyone else t[idx], metric="l2")
+                loss = term if loss is None else loss + term
+        else:
+            grads = per_sample_gradients(encoder, x, lab)
+            loss = ops.gradient_matching_loss(grads, target if everyone else target[idx], metric=metric)
         gx, = torch.autograd.grad(loss.sum(), x)
         return loss.detach(), gx.reshape(x_rows.shape)
     return objective
