@@ -165,7 +165,9 @@ def per_sample_gradients(encoder: LeNetEncoder, images: torch.Tensor, labels: to
         conv, a, a_prev = encoder.convs[i], acts[i + 1], acts[i]
         delta_pre = delta_act * a * (1 - a)  # sigmoid'
         cols = F.unfold(a_prev, conv.kernel_size, padding=conv.padding, stride=conv.stride)
-        grad_w = torch.bmm(delta_pre.flatten(2), cols.transpose(1, 2))
+        # cols @ delta^T, then transpose the small result: the backward's gradient w.r.t.
+        # cols then comes out contiguous for col2im (no transposed copy of [K, C k k, L]).
+        grad_w = torch.bmm(cols, delta_pre.flatten(2).transpose(1, 2)).transpose(1, 2)
         out = [grad_w.reshape(k, -1), delta_pre.sum((2, 3))] + out
         if i > 0:
             w = params[2 * i]
