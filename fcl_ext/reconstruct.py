@@ -358,7 +358,8 @@ class BatchedLBFGS:
 
 @dataclass
 class ReconstructionResult:
-    """images: the last keep_last iterates [K, keep_last, C, H, W] (oldest first);
+    """images: the iterates after each of the last keep_last steps [K, min(keep_last, steps), C, H, W]
+    (oldest first; GLFC keeps steps 230..249 of 250 as its 20 monitor images per gradient);
     losses: the matching loss at the final iterate [K]; labels [K];
     stopped: problems rolled back after a NaN/Inf loss [K]; func_evals: objective evaluations [K]."""
     images: torch.Tensor
