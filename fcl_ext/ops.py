@@ -3,8 +3,7 @@ torch.ops.fcl_ext.*. Every function here has a pure-PyTorch twin of the same nam
 signature in fcl_ext.reference."""
 import torch
 
-from fcl_ext._checks import (check_floating, check_min_dim, check_nonneg, check_reduction, check_same_device,
-                             reduce)
+from fcl_ext._checks import check_floating, check_min_dim, check_nonneg, check_reduction, reduce
 
 __all__ = ["softmax_entropy", "gradient_matching_loss", "lbfgs_direction"]
 
@@ -33,6 +32,7 @@ def softmax_entropy(logits: torch.Tensor, *, reduction: str = "mean", eps: float
 # ---- fccl losses (issue 4) ------------------------------------------------------
 
 # ---- gradient matching / lbfgs (issue 5) ---------------------------------------
+from fcl_ext._checks import check_same_device  # noqa: E402
 
 MATCHING_METRICS = ("l2", "cosine")
 
