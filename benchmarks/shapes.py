@@ -19,6 +19,31 @@ SHAPES = {
         "cuda": [(f"N={n},C={c}", dict(N=n, C=c)) for n in (128, 1024, 8192) for c in (100, 1000)],
         "smoke": [("N=8,C=6", dict(N=8, C=6))],
     },
+    # GLFC's LeNet encoder: P = 85036 parameters per gradient; ~60 gradients per task change.
+    "gradient_matching_loss": {
+        "cpu": [("K=60,P=85036", dict(K=60, P=85036)), ("K=6,P=85036", dict(K=6, P=85036)),
+                ("K=1024,P=1000", dict(K=1024, P=1000))],
+        "cuda": [("K=60,P=85036", dict(K=60, P=85036)), ("K=600,P=85036", dict(K=600, P=85036)),
+                 ("K=1024,P=1000", dict(K=1024, P=1000))],
+        "smoke": [("K=3,P=17", dict(K=3, P=17))],
+    },
+    # Two-loop recursion: D = 3*32*32 pixels, a full history of M = 100 pairs.
+    "lbfgs_direction": {
+        "cpu": [("K=6,M=100,D=3072", dict(K=6, M=100, D=3072)), ("K=60,M=100,D=3072", dict(K=60, M=100, D=3072))],
+        "cuda": [("K=60,M=100,D=3072", dict(K=60, M=100, D=3072))],
+        "smoke": [("K=2,M=3,D=11", dict(K=2, M=3, D=11))],
+    },
+    # Whole reconstructions, batched vs the sequential per-problem torch.optim.LBFGS loop.
+    # The sequential K=60 run is long on a CPU (~60 x 250 x 20 closures): the CPU list uses
+    # 20 steps and K in {1, 6}; FCL_EXT_BENCH_RECONSTRUCT_FULL=1 adds K=60 (see the bench file).
+    "reconstruct": {
+        "cpu": [("K=1,steps=20", dict(K=1, steps=20)), ("K=6,steps=20", dict(K=6, steps=20))],
+        "cpu_full": [("K=60,steps=20", dict(K=60, steps=20)), ("K=6,steps=250", dict(K=6, steps=250)),
+                     ("K=60,steps=250", dict(K=60, steps=250))],
+        "cuda": [("K=1,steps=250", dict(K=1, steps=250)), ("K=6,steps=250", dict(K=6, steps=250)),
+                 ("K=60,steps=250", dict(K=60, steps=250))],
+        "smoke": [("K=2,steps=2", dict(K=2, steps=2, image_size=8, classes=5))],
+    },
 }
 
 

@@ -40,4 +40,13 @@ TORCH_LIBRARY(fcl_ext, m) {
   // ---- fccl losses (issue 4) -----------------------------------------------------
 
   // ---- gradient matching / lbfgs (issue 5) -------------------------------------
+  // Per-problem gradient matching D(g_k, t_k) over rows of [K, P]: "l2" = sum (g - t)^2,
+  // "cosine" = 1 - <g, t> / (|g| |t|). `stats` [K, 3] (accumulation dtype) holds
+  // (<g,t>, |g|^2, |t|^2) for the cosine backward. No gradient flows to target_grads.
+  m.def("gradient_matching_loss(Tensor grads, Tensor target_grads, str metric) -> (Tensor loss, Tensor stats)");
+  m.def("_gradient_matching_loss_backward(Tensor grad_loss, Tensor grads, Tensor target_grads, Tensor stats, str metric) -> Tensor");
+  // L-BFGS two-loop recursion for K independent problems: d_k = -H_k grad_k. Problem k's
+  // history is s_hist/y_hist [K, M, D], rho [K, M]; its i-th oldest pair (i < hist_len[k])
+  // sits in slot (hist_start[k] + i) % M (hist_start None: slot i). Not differentiable.
+  m.def("lbfgs_direction(Tensor grad, Tensor s_hist, Tensor y_hist, Tensor rho, Tensor hist_len, Tensor h_diag, Tensor? hist_start=None) -> Tensor");
 }

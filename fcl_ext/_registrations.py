@@ -124,3 +124,45 @@ for _op in ("fcl_ext::glfc_loss", "fcl_ext::_glfc_loss_backward"):
 # ---- fccl losses (issue 4) ------------------------------------------------------
 
 # ---- gradient matching / lbfgs (issue 5) ---------------------------------------
+
+@register_fake("fcl_ext::gradient_matching_loss")
+def _gradient_matching_loss_fake(grads, target_grads, metric):
+    loss = grads.new_empty((grads.shape[0],))
+    stats = grads.new_empty((grads.shape[0], 3), dtype=opmath_dtype(grads.dtype))
+    return loss, stats
+
+
+@register_fake("fcl_ext::_gradient_matching_loss_backward")
+def _gradient_matching_loss_backward_fake(grad_loss, grads, target_grads, stats, metric):
+    return torch.empty_like(grads, memory_format=torch.contiguous_format)
+
+
+def _gradient_matching_loss_setup(ctx, inputs, output):
+    grads, target_grads, metric = inputs
+    _, stats = output
+    ctx.save_for_backward(grads, target_grads, stats)
+    ctx.metric = metric
+
+
+def _gradient_matching_loss_backward(ctx, grad_loss, grad_stats):
+    grads, target_grads, stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.fcl_ext._gradient_matching_loss_backward(grad_loss, grads, target_grads, stats, ctx.metric)
+    # The target is data (what a client uploaded): no gradient flows to it.
+    return grad, None, None
+
+
+register_autograd("fcl_ext::gradient_matching_loss", _gradient_matching_loss_backward,
+                  setup_context=_gradient_matching_loss_setup)
+_register_backward_op("fcl_ext::_gradient_matching_loss_backward")
+
+
+@register_fake("fcl_ext::lbfgs_direction")
+def _lbfgs_direction_fake(grad, s_hist, y_hist, rho, hist_len, h_diag, hist_start=None):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+for _op in ("fcl_ext::gradient_matching_loss", "fcl_ext::_gradient_matching_loss_backward",
+            "fcl_ext::lbfgs_direction"):
+    _guard_cuda(_op)

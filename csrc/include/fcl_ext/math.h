@@ -57,5 +57,27 @@ C10_HOST_DEVICE inline T gradient_compensation_weight(T g, T group_mean_g) {
   return group_mean_g > T(0) ? g / group_mean_g : T(1);
 }
 
+// Gradient matching, cosine metric, from per-row sums dot = <g, t>, gg = |g|^2, tt = |t|^2:
+//   loss = 1 - dot / (|g| |t|);   dloss/dg_p = a * g_p - b * t_p,
+//   a = dot / (|g|^3 |t|),  b = 1 / (|g| |t|).
+// A row with |g| |t| == 0 has loss 1 and gradient 0 (the cosine is undefined there).
+template <typename T>
+C10_HOST_DEVICE inline T cosine_matching_loss(T dot, T gg, T tt) {
+  const T den = ::sqrt(gg) * ::sqrt(tt);
+  return den > T(0) ? T(1) - dot / den : T(1);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline void cosine_matching_grad_coeffs(T dot, T gg, T tt, T* a, T* b) {
+  const T den = ::sqrt(gg) * ::sqrt(tt);
+  if (den > T(0)) {
+    *b = T(1) / den;
+    *a = dot / (gg * den);
+  } else {
+    *a = T(0);
+    *b = T(0);
+  }
+}
+
 }  // namespace math
 }  // namespace fcl_ext
