@@ -1,0 +1,182 @@
+// FCCL dual-domain distillation on the CPU: rows in parallel. Forward: per row one max pass and one
+// exp pass giving the log-sum-exps of s, s/T and each teacher t/T (the KL needs no third pass:
+// KL(p||q) = sum p (t - s) / T - lse(t/T) + lse(s/T)). Backward: one elementwise pass per row,
+// grad = ce_w (softmax(s) - onehot) / N + sum_t w_t (softmax(s/T) - softmax(t/T)) / (T N).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "fcl_ext/checks.h"
+#include "fcl_ext/cpu_rows.h"
+#include "fcl_ext/math.h"
+
+namespace fcl_ext {
+namespace {
+
+constexpr int kStats = 4;  // lse(s), lse(s/T), lse(t_intra/T), lse(t_inter/T)
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& intra,
+                  const std::optional<at::Tensor>& inter, double temperature) {
+  check_floating(logits, "logits");
+  check_dim(logits, 2, "logits");
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "fcl_ext: labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "fcl_ext: labels must have shape [",
+              logits.size(0), "], got ", labels.sizes());
+  check_same_device(logits, "logits", labels, "labels");
+  TORCH_CHECK(logits.size(0) > 0 && logits.size(1) > 0, "fcl_ext: logits must be non-empty, got shape ",
+              logits.sizes());
+  TORCH_CHECK(temperature > 0, "fcl_ext: temperature must be > 0, got ", temperature);
+  for (const auto* t : {&intra, &inter}) {
+    if (!t->has_value()) continue;
+    const auto& tt = t->value();
+    TORCH_CHECK(tt.sizes() == logits.sizes(), "fcl_ext: teacher logits must have the shape of logits ",
+                logits.sizes(), ", got ", tt.sizes());
+    TORCH_CHECK(tt.scalar_type() == logits.scalar_type(), "fcl_ext: teacher logits must have dtype ",
+                logits.scalar_type(), ", got ", tt.scalar_type());
+    check_same_device(logits, "logits", tt, "teacher logits");
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
+// Loss of one row (before the 1/N) and its stats.
+template <typename acc_t>
+acc_t row_forward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, int64_t y, acc_t inv_t,
+                  acc_t ce_w, acc_t w1, acc_t w2, acc_t* stats) {
+  const acc_t ms = cpu::vec_max(s, C);
+  acc_t z1 = 0, zt = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = s[c] - ms;
+    z1 += std::exp(d);
+    zt += std::exp(d * inv_t);
+  }
+  const acc_t lse_s = ms + std::log(z1), lse_st = ms * inv_t + std::log(zt);
+  stats[0] = lse_s;
+  stats[1] = lse_st;
+  acc_t loss = ce_w * (lse_s - s[y]);
+  const acc_t* teachers[2] = {t1, t2};
+  const acc_t weights[2] = {w1, w2};
+  for (int k = 0; k < 2; ++k) {
+    const acc_t* t = teachers[k];
+    if (t == nullptr) {
+      stats[2 + k] = 0;
+      continue;
+    }
+    const acc_t mt = cpu::vec_max(t, C);
+    acc_t z = 0, gap = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t e = std::exp((t[c] - mt) * inv_t);
+      z += e;
+      gap += math::kd_weighted_gap(e, t[c], s[c]);
+    }
+    const acc_t lse_t = mt * inv_t + std::log(z);
+    stats[2 + k] = lse_t;
+    loss += weights[k] * (gap * inv_t / z - lse_t + lse_st);
+  }
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> dual_distillation_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                              const std::optional<at::Tensor>& intra_logits,
+                                                              const std::optional<at::Tensor>& inter_logits,
+                                                              double temperature, double ce_weight,
+                                                              double intra_weight, double inter_weight) {
+  check_inputs(logits, labels, intra_logits, inter_logits, temperature);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto s = logits.contiguous();
+  const auto y = labels.contiguous();
+  std::optional<at::Tensor> t1, t2;
+  if (intra_logits.has_value()) t1 = intra_logits->contiguous();
+  if (inter_logits.has_value()) t2 = inter_logits->contiguous();
+  const auto acc_type = at::toOpMathType(logits.scalar_type());
+  auto stats = at::empty({N, kStats}, logits.options().dtype(acc_type));
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dual_distillation_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* p1 = ptr_or_null<scalar_t>(t1);
+    const scalar_t* p2 = ptr_or_null<scalar_t>(t2);
+    const int64_t* yp = y.const_data_ptr<int64_t>();
+    acc_t* stp = stats.mutable_data_ptr<acc_t>();
+    for (int64_t r = 0; r < N; ++r) {
+      TORCH_CHECK(yp[r] >= 0 && yp[r] < C, "fcl_ext: labels[", r, "] = ", yp[r], " is out of range [0, ", C, ")");
+    }
+    std::vector<acc_t> row_loss(N);
+    at::parallel_for(0, N, cpu::row_grain(3 * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> bs, b1, b2;
+      for (int64_t r = begin; r < end; ++r) {
+        const acc_t* rs = cpu::widen_row<scalar_t, acc_t>(sp + r * C, C, bs);
+        const acc_t* r1 = p1 ? cpu::widen_row<scalar_t, acc_t>(p1 + r * C, C, b1) : nullptr;
+        const acc_t* r2 = p2 ? cpu::widen_row<scalar_t, acc_t>(p2 + r * C, C, b2) : nullptr;
+        row_loss[r] = row_forward<acc_t>(rs, r1, r2, C, yp[r], acc_t(1 / temperature), acc_t(ce_weight),
+                                         acc_t(intra_weight), acc_t(inter_weight), stp + kStats * r);
+      }
+    });
+    acc_t total = 0;
+    for (int64_t r = 0; r < N; ++r) total += row_loss[r];
+    loss = at::scalar_tensor(total / acc_t(N), logits.options().dtype(acc_type)).to(logits.scalar_type());
+  });
+  return {loss, stats};
+}
+
+at::Tensor dual_distillation_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                          const at::Tensor& labels, const std::optional<at::Tensor>& intra_logits,
+                                          const std::optional<at::Tensor>& inter_logits, const at::Tensor& stats,
+                                          double temperature, double ce_weight, double intra_weight,
+                                          double inter_weight) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  const auto s = logits.contiguous();
+  const auto y = labels.contiguous();
+  const auto st = stats.contiguous();
+  std::optional<at::Tensor> t1, t2;
+  if (intra_logits.has_value()) t1 = intra_logits->contiguous();
+  if (inter_logits.has_value()) t2 = inter_logits->contiguous();
+  auto grad = at::empty_like(s);
+  const double g = grad_loss.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "dual_distillation_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* p1 = ptr_or_null<scalar_t>(t1);
+    const scalar_t* p2 = ptr_or_null<scalar_t>(t2);
+    const int64_t* yp = y.const_data_ptr<int64_t>();
+    const acc_t* stp = st.const_data_ptr<acc_t>();
+    scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+    const acc_t inv_t = acc_t(1 / temperature);
+    const acc_t scale = acc_t(g / static_cast<double>(N));
+    const acc_t ce_s = scale * acc_t(ce_weight);
+    // Teacher terms are (q - p_t) w / (T N); the q parts of both teachers merge into one coefficient.
+    const acc_t k1 = p1 ? scale * acc_t(intra_weight) * inv_t : acc_t(0);
+    const acc_t k2 = p2 ? scale * acc_t(inter_weight) * inv_t : acc_t(0);
+    const acc_t kq = k1 + k2;
+    at::parallel_for(0, N, cpu::row_grain(3 * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> bs, b1, b2, out(std::is_same_v<scalar_t, acc_t> ? 0 : C);
+      for (int64_t r = begin; r < end; ++r) {
+        const acc_t* rs = cpu::widen_row<scalar_t, acc_t>(sp + r * C, C, bs);
+        const acc_t* r1 = p1 ? cpu::widen_row<scalar_t, acc_t>(p1 + r * C, C, b1) : nullptr;
+        const acc_t* r2 = p2 ? cpu::widen_row<scalar_t, acc_t>(p2 + r * C, C, b2) : nullptr;
+        const acc_t* rst = stp + kStats * r;
+        acc_t* dst = cpu::narrow_target<scalar_t, acc_t>(gp + r * C, out);
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t v = ce_s * std::exp(rs[c] - rst[0]) + kq * std::exp(rs[c] * inv_t - rst[1]);
+          if (r1) v -= k1 * std::exp(r1[c] * inv_t - rst[2]);
+          if (r2) v -= k2 * std::exp(r2[c] * inv_t - rst[3]);
+          dst[c] = v;
+        }
+        dst[yp[r]] -= ce_s;
+        cpu::narrow_row<scalar_t, acc_t>(dst, C, gp + r * C);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fcl_ext, CPU, m) {
+  m.impl("dual_distillation_loss", &dual_distillation_loss_cpu);
+  m.impl("_dual_distillation_backward", &dual_distillation_backward_cpu);
+}
+
+}  // namespace fcl_ext
