@@ -19,14 +19,30 @@ namespace {
 
 constexpr int64_t kColChunk = 64;  // columns per task: a row segment of one cache line pair or more
 
+// at::parallel_for over column chunks of x [B, K], run inline when the whole job is small: an OpenMP
+// region costs more than FCCL's 512 x 10 problem, and on a loaded machine far more.
+// Rows per task for row-parallel loops: at least 64K elements, so small jobs never open a region.
+inline int64_t small_job_grain(int64_t cols) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(cols, 1));
+}
+
+template <typename F>
+void for_column_chunks(int64_t B, int64_t K, const F& fn) {
+  const int64_t chunks = (K + kColChunk - 1) / kColChunk;
+  if (B * K < (int64_t(1) << 16) || chunks == 1) {
+    fn(int64_t(0), chunks);
+  } else {
+    at::parallel_for(0, chunks, 1, fn);
+  }
+}
+
 // mean and inv_std of every column of x [B, K]; one pass over the rows. Shifting by the first row
 // keeps sum(d^2) - sum(d)^2 / B free of the cancellation a raw sum of squares suffers.
 template <typename scalar_t, typename acc_t>
 void column_stats(const scalar_t* x, int64_t B, int64_t K, bool unbiased, acc_t eps, acc_t* mean,
                   acc_t* inv_std) {
   const acc_t n_var = unbiased ? acc_t(B - 1) : acc_t(B);
-  const int64_t chunks = (K + kColChunk - 1) / kColChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  for_column_chunks(B, K, [&](int64_t begin, int64_t end) {
     acc_t shift[kColChunk], s1[kColChunk], s2[kColChunk];
     for (int64_t c = begin; c < end; ++c) {
       const int64_t c0 = c * kColChunk, w = std::min(kColChunk, K - c0);
@@ -81,7 +97,7 @@ at::Tensor standardised(const at::Tensor& x, const at::Tensor& stats, double sca
     std::vector<acc_t> factor(K);
     for (int64_t j = 0; j < K; ++j) factor[j] = stats.const_data_ptr<acc_t>()[K + j] * static_cast<acc_t>(scale);
     acc_t* hp = hat.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, B, cpu::row_grain(K), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, small_job_grain(K), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* src = xp + i * K;
         acc_t* dst = hp + i * K;
@@ -129,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_correlation_matrix_cpu(cons
 template <typename acc_t>
 acc_t loss_from_matrix(const acc_t* m, int64_t K, acc_t w, acc_t tau) {
   std::vector<acc_t> row_sum(K);
-  at::parallel_for(0, K, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K, small_job_grain(K), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const acc_t* row = m + u * K;
       acc_t s = 0;
@@ -166,8 +182,7 @@ template <typename scalar_t, typename acc_t>
 void standardise_backward_cols(const acc_t* P, acc_t alpha, const acc_t* row, acc_t beta, const acc_t* diag,
                                const acc_t* other_hat, const acc_t* hat, const acc_t* inv_std, acc_t grad_scale,
                                int64_t B, int64_t K, acc_t n_var, scalar_t* out) {
-  const int64_t chunks = (K + kColChunk - 1) / kColChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  for_column_chunks(B, K, [&](int64_t begin, int64_t end) {
     acc_t g_sum[kColChunk], gx_sum[kColChunk];
     auto g_at = [&](int64_t i, int64_t u) {
       acc_t g = alpha * P[i * K + u];

@@ -14,6 +14,12 @@ namespace {
 
 constexpr int kStats = 4;  // lse(s), lse(s/T), lse(t_intra/T), lse(t_inter/T)
 
+// Rows per task: about 128K elements of the three inputs, so FCCL's 512-row batches with few classes run
+// without opening an OpenMP region (whose cost dominates them, especially on a loaded machine).
+inline int64_t rows_per_task(int64_t C) {
+  return std::max<int64_t>(1, (int64_t(1) << 17) / (3 * std::max<int64_t>(C, 1)));
+}
+
 void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& intra,
                   const std::optional<at::Tensor>& inter, double temperature) {
   check_floating(logits, "logits");
@@ -104,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> dual_distillation_loss_cpu(const at::Tensor& 
       TORCH_CHECK(yp[r] >= 0 && yp[r] < C, "fcl_ext: labels[", r, "] = ", yp[r], " is out of range [0, ", C, ")");
     }
     std::vector<acc_t> row_loss(N);
-    at::parallel_for(0, N, cpu::row_grain(3 * C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> bs, b1, b2;
       for (int64_t r = begin; r < end; ++r) {
         const acc_t* rs = cpu::widen_row<scalar_t, acc_t>(sp + r * C, C, bs);
@@ -150,7 +156,7 @@ at::Tensor dual_distillation_backward_cpu(const at::Tensor& grad_loss, const at:
     const acc_t k1 = p1 ? scale * acc_t(intra_weight) * inv_t : acc_t(0);
     const acc_t k2 = p2 ? scale * acc_t(inter_weight) * inv_t : acc_t(0);
     const acc_t kq = k1 + k2;
-    at::parallel_for(0, N, cpu::row_grain(3 * C), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> bs, b1, b2, out(std::is_same_v<scalar_t, acc_t> ? 0 : C);
       for (int64_t r = begin; r < end; ++r) {
         const acc_t* rs = cpu::widen_row<scalar_t, acc_t>(sp + r * C, C, bs);
