@@ -212,6 +212,23 @@ void standardise_backward_cols(const acc_t* P, acc_t alpha, const acc_t* row, ac
   });
 }
 
+at::Tensor row_sums(const at::Tensor& hat) {
+  const int64_t B = hat.size(0), K = hat.size(1);
+  auto out = at::empty({B}, hat.options());
+  AT_DISPATCH_FLOATING_TYPES(hat.scalar_type(), "cross_correlation_row_sums", [&] {
+    const scalar_t* hp = hat.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, small_job_grain(K), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t acc = 0;
+        for (int64_t j = 0; j < K; ++j) acc += hp[i * K + j];
+        op[i] = acc;
+      }
+    });
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_correlation_backward_cpu(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats_a,
     const at::Tensor& stats_b, const at::Tensor& matrix, bool unbiased, double off_diag_weight,
@@ -231,11 +248,20 @@ std::tuple<at::Tensor, at::Tensor> cross_correlation_backward_cpu(
     grad_scale = grad.item<double>();
     g_matrix = matrix;  // dL/dM is affine in M: use M itself in the GEMMs
     const double w = off_diag_weight, tau = off_diag_target;
-    auto m_diag = matrix.diagonal();
-    diag = ((m_diag - 1.0) * 2.0 - (m_diag - tau) * (2.0 * w)) * inv_b;
+    // Small vectors in plain loops: a handful of ATen calls would cost more than FCCL's whole backward.
+    diag = at::empty({Ka}, matrix.options());
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "cross_correlation_backward_diag", [&] {
+      const scalar_t* mp = matrix.const_data_ptr<scalar_t>();
+      scalar_t* dp = diag.mutable_data_ptr<scalar_t>();
+      for (int64_t u = 0; u < Ka; ++u) {
+        const scalar_t m = mp[u * Ka + u];
+        dp[u] = static_cast<scalar_t>((math::cross_corr_dterm<scalar_t>(m, true, w, tau) -
+                                       math::cross_corr_dterm<scalar_t>(m, false, w, tau)) * inv_b);
+      }
+    });
     if (tau != 0.0) {
-      if (need_a) row_b = b_hat.sum(1);
-      if (need_b) row_a = a_hat.sum(1);
+      if (need_a) row_b = row_sums(b_hat);
+      if (need_b) row_a = row_sums(a_hat);
     }
   } else {
     g_matrix = grad.to(acc_type);

@@ -47,17 +47,28 @@ const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
 }
 
+using at::vec::Vectorized;
+
+// sum exp((x - m) * scale) (SIMD exp).
+template <typename T>
+T sum_exp(const T* x, int64_t n, T m, T scale) {
+  using Vec = Vectorized<T>;
+  Vec acc(0), vm(m), vscale(scale);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + ((Vec::loadu(x + i) - vm) * vscale).exp();
+  T s = cpu::vec_hsum(acc);
+  for (; i < n; ++i) s += std::exp((x[i] - m) * scale);
+  return s;
+}
+
 // Loss of one row (before the 1/N) and its stats.
 template <typename acc_t>
 acc_t row_forward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, int64_t y, acc_t inv_t,
                   acc_t ce_w, acc_t w1, acc_t w2, acc_t* stats) {
+  using Vec = Vectorized<acc_t>;
   const acc_t ms = cpu::vec_max(s, C);
-  acc_t z1 = 0, zt = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t d = s[c] - ms;
-    z1 += std::exp(d);
-    zt += std::exp(d * inv_t);
-  }
+  const acc_t z1 = sum_exp(s, C, ms, acc_t(1));
+  const acc_t zt = inv_t == acc_t(1) ? z1 : sum_exp(s, C, ms, inv_t);  // T = 1 (FCCL): one exp pass
   const acc_t lse_s = ms + std::log(z1), lse_st = ms * inv_t + std::log(zt);
   stats[0] = lse_s;
   stats[1] = lse_st;
@@ -71,8 +82,16 @@ acc_t row_forward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, i
       continue;
     }
     const acc_t mt = cpu::vec_max(t, C);
-    acc_t z = 0, gap = 0;
-    for (int64_t c = 0; c < C; ++c) {
+    Vec vz(0), vgap(0), vmt(mt), vinv(inv_t), zero(0);
+    int64_t c = 0;
+    for (; c + Vec::size() <= C; c += Vec::size()) {
+      const Vec vt = Vec::loadu(t + c);
+      const Vec e = ((vt - vmt) * vinv).exp();
+      vz = vz + e;
+      vgap = vgap + Vec::blendv(e * (vt - Vec::loadu(s + c)), zero, e == zero);
+    }
+    acc_t z = cpu::vec_hsum(vz), gap = cpu::vec_hsum(vgap);
+    for (; c < C; ++c) {
       const acc_t e = std::exp((t[c] - mt) * inv_t);
       z += e;
       gap += math::kd_weighted_gap(e, t[c], s[c]);
@@ -82,6 +101,32 @@ acc_t row_forward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, i
     loss += weights[k] * (gap * inv_t / z - lse_t + lse_st);
   }
   return loss;
+}
+
+// dst_c = ce_s softmax(s)_c + kq softmax(s/T)_c - k1 p1_c - k2 p2_c (the one-hot term is added after).
+template <typename acc_t>
+void row_backward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, acc_t inv_t, const acc_t* st,
+                  acc_t ce_s, acc_t kq, acc_t k1, acc_t k2, acc_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  const bool t_is_one = inv_t == acc_t(1);
+  const acc_t c_p = t_is_one ? ce_s + kq : ce_s;  // at T = 1 softmax(s/T) is softmax(s)
+  const Vec vlse(st[0]), vlset(st[1]), vl1(st[2]), vl2(st[3]), vinv(inv_t), vcp(c_p), vkq(kq), vk1(k1), vk2(k2);
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) {
+    const Vec x = Vec::loadu(s + c);
+    Vec v = vcp * (x - vlse).exp();
+    if (!t_is_one) v = v + vkq * (x * vinv - vlset).exp();
+    if (t1) v = v - vk1 * (Vec::loadu(t1 + c) * vinv - vl1).exp();
+    if (t2) v = v - vk2 * (Vec::loadu(t2 + c) * vinv - vl2).exp();
+    v.store(dst + c);
+  }
+  for (; c < C; ++c) {
+    acc_t v = c_p * std::exp(s[c] - st[0]);
+    if (!t_is_one) v += kq * std::exp(s[c] * inv_t - st[1]);
+    if (t1) v -= k1 * std::exp(t1[c] * inv_t - st[2]);
+    if (t2) v -= k2 * std::exp(t2[c] * inv_t - st[3]);
+    dst[c] = v;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> dual_distillation_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
@@ -164,12 +209,7 @@ at::Tensor dual_distillation_backward_cpu(const at::Tensor& grad_loss, const at:
         const acc_t* r2 = p2 ? cpu::widen_row<scalar_t, acc_t>(p2 + r * C, C, b2) : nullptr;
         const acc_t* rst = stp + kStats * r;
         acc_t* dst = cpu::narrow_target<scalar_t, acc_t>(gp + r * C, out);
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t v = ce_s * std::exp(rs[c] - rst[0]) + kq * std::exp(rs[c] * inv_t - rst[1]);
-          if (r1) v -= k1 * std::exp(r1[c] * inv_t - rst[2]);
-          if (r2) v -= k2 * std::exp(r2[c] * inv_t - rst[3]);
-          dst[c] = v;
-        }
+        row_backward<acc_t>(rs, r1, r2, C, inv_t, rst, ce_s, kq, k1, k2, dst);
         dst[yp[r]] -= ce_s;
         cpu::narrow_row<scalar_t, acc_t>(dst, C, gp + r * C);
       }
