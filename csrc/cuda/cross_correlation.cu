@@ -2,10 +2,11 @@
 //
 // Small K (FCCL: 10-65 classes): the whole forward is one launch of one block: column statistics
 // (shifted sums, one pass), every M_uv as a dot over the batch of the standardised columns, and the loss.
+// The small-K backward is one launch too (one block per column of grad_a / grad_b).
 // Large K (Barlow Twins projectors): column statistics kernel, standardisation kernel, cuBLAS GEMM for
 // a_hat^T b_hat (the only K x K buffer), then the loss epilogue as one reduction kernel plus a one-block
-// finish. Backward (both sizes): dL/dM is affine in M, so dL/da_hat is one GEMM with the saved M; one
-// column kernel then goes back through the standardisation.
+// finish. Backward: dL/dM is affine in M, so dL/da_hat is one GEMM with the saved M; one column kernel
+// then goes back through the standardisation.
 // With eps == 0 a zero-variance column is detected on the device and raised on the host (one small
 // device-to-host copy; eps > 0 skips it and never synchronises).
 #include <ATen/ATen.h>
@@ -72,7 +73,7 @@ __global__ void fused_small_kernel(const scalar_t* __restrict__ a, const scalar_
                                    out_t* __restrict__ matrix, scalar_t* __restrict__ loss,
                                    acc_t* __restrict__ stats_a, acc_t* __restrict__ stats_b,
                                    int* __restrict__ bad_column) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);  // mean_a[Ka], inv_a[Ka], mean_b[Kb], inv_b[Kb]
   __shared__ acc_t red[32];
   const int lane = threadIdx.x % cuda::kWarp, warp = threadIdx.x / cuda::kWarp;
@@ -136,7 +137,7 @@ __global__ void loss_partial_kernel(const acc_t* __restrict__ m, int64_t K, acc_
   acc_t s = 0;
   const int64_t n = K * K;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
-    s += math::cross_corr_term(m[e], e / K == e % K, w, tau);
+    s += math::cross_corr_term(m[e], e % (K + 1) == 0, w, tau);  // the diagonal is every (K+1)-th entry
   }
   s = cuda::block_sum(s, red);
   if (threadIdx.x == 0) partials[blockIdx.x] = s;
@@ -191,6 +192,60 @@ __global__ void backward_cols_kernel(const acc_t* __restrict__ P, acc_t alpha, c
   for (int64_t i = threadIdx.y; i < B; i += kRowLanes) {
     out[i * K + u] = static_cast<scalar_t>(scale * math::standardise_backward(g_at(i), g_mean, hat[i * K + u], gx, r,
                                                                                n_var));
+  }
+}
+
+// Small-K backward in one launch: block c < Ka is column c of grad_a, block Ka + c column c of grad_b.
+// g_iu = sum_v other_hat_iv dL/dM(u, v) / B (v over the other input's columns; for grad_b, M^T), with
+// dL/dM = grad_loss * cross_corr_dterm(M) (from_loss) or the given grad_matrix; then back through the
+// standardisation with two passes over the column (the second recomputes g instead of storing it).
+template <typename scalar_t, typename acc_t, typename g_t>
+__global__ void fused_small_backward_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                            const acc_t* __restrict__ stats_a, const acc_t* __restrict__ stats_b,
+                                            const g_t* __restrict__ gmat, const scalar_t* __restrict__ grad_loss,
+                                            bool from_loss, acc_t w, acc_t tau, int64_t B, int64_t Ka, int64_t Kb,
+                                            acc_t n_var, bool need_a, bool need_b, scalar_t* __restrict__ grad_a,
+                                            scalar_t* __restrict__ grad_b) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* coef = reinterpret_cast<acc_t*>(smem_raw);  // [Ky]: dL/dM(u, v) * inv_std_y[v] / B
+  __shared__ acc_t red[32];
+  const bool for_a = blockIdx.x < Ka;
+  if ((for_a && !need_a) || (!for_a && !need_b)) return;
+  const int64_t u = for_a ? blockIdx.x : blockIdx.x - Ka;
+  const int64_t Kx = for_a ? Ka : Kb, Ky = for_a ? Kb : Ka;
+  const scalar_t* x = for_a ? a : b;
+  const scalar_t* y = for_a ? b : a;
+  const acc_t* stats_x = for_a ? stats_a : stats_b;
+  const acc_t* stats_y = for_a ? stats_b : stats_a;
+  scalar_t* out = for_a ? grad_a : grad_b;
+  const acc_t scale = from_loss ? static_cast<acc_t>(*grad_loss) : acc_t(1);
+  const acc_t* mean_y = stats_y;
+  for (int64_t v = threadIdx.x; v < Ky; v += blockDim.x) {
+    const int64_t e = for_a ? u * Kb + v : v * Kb + u;  // M is [Ka, Kb]
+    const acc_t g = from_loss ? scale * math::cross_corr_dterm(static_cast<acc_t>(gmat[e]), u == v, w, tau)
+                              : static_cast<acc_t>(gmat[e]);
+    coef[v] = g * stats_y[Ky + v] / acc_t(B);
+  }
+  __syncthreads();
+  const acc_t mu = stats_x[u], inv = stats_x[Kx + u];
+  auto g_at = [&](int64_t i) {
+    const scalar_t* row = y + i * Ky;
+    acc_t g = 0;
+    for (int64_t v = 0; v < Ky; ++v) g += (static_cast<acc_t>(row[v]) - mean_y[v]) * coef[v];
+    return g;
+  };
+  acc_t gs = 0, gx = 0;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    const acc_t g = g_at(i);
+    gs += g;
+    gx += g * (static_cast<acc_t>(x[i * Kx + u]) - mu) * inv;
+  }
+  gs = cuda::block_sum(gs, red);
+  gx = cuda::block_sum(gx, red);
+  const acc_t g_mean = gs / acc_t(B);
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    const acc_t x_hat = (static_cast<acc_t>(x[i * Kx + u]) - mu) * inv;
+    out[i * Kx + u] = static_cast<scalar_t>(math::standardise_backward(g_at(i), g_mean, x_hat, gx, inv, n_var));
   }
 }
 
@@ -371,6 +426,35 @@ std::tuple<at::Tensor, at::Tensor> cross_correlation_backward_cuda(
   const auto ac = a.contiguous(), bc = b.contiguous();
   const int64_t B = a.size(0), Ka = a.size(1), Kb = b.size(1);
   const auto acc_type = stats_a.scalar_type();
+  if (use_fused(B, Ka, Kb)) {
+    at::Tensor grad_a = need_a ? at::empty_like(ac) : at::empty({0}, a.options());
+    at::Tensor grad_b = need_b ? at::empty_like(bc) : at::empty({0}, b.options());
+    const auto sa = stats_a.contiguous(), sb = stats_b.contiguous();
+    const auto g = grad.contiguous();
+    const auto gm = from_loss ? matrix.contiguous() : g;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_correlation_fused_bwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const size_t smem = sizeof(acc_t) * std::max(Ka, Kb);
+      const acc_t n_var = unbiased ? acc_t(B - 1) : acc_t(B);
+      auto launch = [&](const auto* gptr) {
+        using g_t = std::remove_const_t<std::remove_pointer_t<decltype(gptr)>>;
+        fused_small_backward_kernel<scalar_t, acc_t, g_t><<<static_cast<int>(Ka + Kb), 256, smem, stream>>>(
+            ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(), sa.const_data_ptr<acc_t>(),
+            sb.const_data_ptr<acc_t>(), gptr, from_loss ? g.const_data_ptr<scalar_t>() : nullptr, from_loss,
+            static_cast<acc_t>(off_diag_weight), static_cast<acc_t>(off_diag_target), B, Ka, Kb, n_var, need_a,
+            need_b, need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
+            need_b ? grad_b.mutable_data_ptr<scalar_t>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (from_loss) {
+        launch(gm.const_data_ptr<acc_t>());
+      } else {
+        launch(gm.const_data_ptr<scalar_t>());
+      }
+    });
+    return {grad_a, grad_b};
+  }
   const auto a_hat = standardised(ac, stats_a, 1.0);
   const auto b_hat = standardised(bc, stats_b, 1.0);
   at::Tensor grad_a = need_a ? at::empty_like(ac) : at::empty({0}, a.options());
