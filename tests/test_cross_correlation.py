@@ -183,7 +183,7 @@ def test_double_backward_raises():
 # ---- edge cases ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("B,K", [(2, 5), (8, 1), (2, 1), (512, 65), (33, 130)])
+@pytest.mark.parametrize("B,K", [(2, 5), (8, 1), (2, 1), (512, 65), (33, 130), (600, 130)])  # last: parallel path
 def test_shapes_match_reference(form, B, K):
     kw = FORMS[form]
     a, b = make_pair(B, K)
