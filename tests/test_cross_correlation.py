@@ -343,3 +343,15 @@ def test_property_matches_reference(B, K, scale, form, target, seed):
     assert (m.abs() <= 1 + 1e-9).all()  # a correlation (times (B-1)/B at most) is bounded by 1
     for g, r in zip(torch.autograd.grad(out, (a, b)), torch.autograd.grad(ref, (a, b))):
         assert_close(g, r)
+
+
+def test_float32_large_offset_columns_keep_their_variance():
+    # logits around 1000 with spread 0.01: a raw sum of squares would cancel in float32; the shifted
+    # one-pass statistics must stay as accurate as the float32 reference against a float64 oracle.
+    g = torch.Generator().manual_seed(0)
+    a64 = 1000 + 0.01 * torch.randn(512, 65, generator=g, dtype=torch.float64)
+    b64 = a64 + 0.01 * torch.randn(512, 65, generator=g, dtype=torch.float64)
+    a, b = a64.float(), b64.float()
+    for kw in FORMS.values():
+        exact = reference.cross_correlation_loss(a.double(), b.double(), **kw)
+        assert_close(ops.cross_correlation_loss(a, b, **kw), exact, torch.float32, rtol=1e-4, atol=0)
