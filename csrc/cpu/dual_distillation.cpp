@@ -49,16 +49,37 @@ const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
 
 using at::vec::Vectorized;
 
-// sum exp((x - m) * scale) (SIMD exp).
+// The last, partial vector of a row with the missing lanes set to `fill`: FCCL rows have 10 or 65
+// logits, so a scalar tail loop (scalar exp) would cost more than the vector body.
+template <typename T>
+inline Vectorized<T> load_tail(const T* x, int64_t count, T fill) {
+  return Vectorized<T>::set(Vectorized<T>(fill), Vectorized<T>::loadu(x, count), count);
+}
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  Vec vm(neg_inf);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+  if (i < n) vm = at::vec::maximum(vm, load_tail(x + i, n - i, neg_inf));
+  T tmp[Vec::size()];
+  vm.store(tmp);
+  T m = neg_inf;
+  for (int k = 0; k < Vec::size(); ++k) m = tmp[k] > m ? tmp[k] : m;
+  return m;
+}
+
+// sum exp((x - m) * scale); padded lanes are -inf and add exp(-inf) = 0.
 template <typename T>
 T sum_exp(const T* x, int64_t n, T m, T scale) {
   using Vec = Vectorized<T>;
   Vec acc(0), vm(m), vscale(scale);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + ((Vec::loadu(x + i) - vm) * vscale).exp();
-  T s = cpu::vec_hsum(acc);
-  for (; i < n; ++i) s += std::exp((x[i] - m) * scale);
-  return s;
+  if (i < n) acc = acc + ((load_tail(x + i, n - i, -std::numeric_limits<T>::infinity()) - vm) * vscale).exp();
+  return cpu::vec_hsum(acc);
 }
 
 // Loss of one row (before the 1/N) and its stats.
@@ -66,7 +87,7 @@ template <typename acc_t>
 acc_t row_forward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, int64_t y, acc_t inv_t,
                   acc_t ce_w, acc_t w1, acc_t w2, acc_t* stats) {
   using Vec = Vectorized<acc_t>;
-  const acc_t ms = cpu::vec_max(s, C);
+  const acc_t ms = row_max(s, C);
   const acc_t z1 = sum_exp(s, C, ms, acc_t(1));
   const acc_t zt = inv_t == acc_t(1) ? z1 : sum_exp(s, C, ms, inv_t);  // T = 1 (FCCL): one exp pass
   const acc_t lse_s = ms + std::log(z1), lse_st = ms * inv_t + std::log(zt);
@@ -81,21 +102,20 @@ acc_t row_forward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, i
       stats[2 + k] = 0;
       continue;
     }
-    const acc_t mt = cpu::vec_max(t, C);
+    const acc_t mt = row_max(t, C);
     Vec vz(0), vgap(0), vmt(mt), vinv(inv_t), zero(0);
-    int64_t c = 0;
-    for (; c + Vec::size() <= C; c += Vec::size()) {
-      const Vec vt = Vec::loadu(t + c);
+    // e (t - s) with e = exp((t - mt) / T); e == 0 (a -inf teacher logit, or a padded lane) adds nothing.
+    auto accumulate = [&](const Vec& vt, const Vec& vs) {
       const Vec e = ((vt - vmt) * vinv).exp();
       vz = vz + e;
-      vgap = vgap + Vec::blendv(e * (vt - Vec::loadu(s + c)), zero, e == zero);
+      vgap = vgap + Vec::blendv(e * (vt - vs), zero, e == zero);
+    };
+    int64_t c = 0;
+    for (; c + Vec::size() <= C; c += Vec::size()) accumulate(Vec::loadu(t + c), Vec::loadu(s + c));
+    if (c < C) {
+      accumulate(load_tail(t + c, C - c, -std::numeric_limits<acc_t>::infinity()), load_tail(s + c, C - c, acc_t(0)));
     }
-    acc_t z = cpu::vec_hsum(vz), gap = cpu::vec_hsum(vgap);
-    for (; c < C; ++c) {
-      const acc_t e = std::exp((t[c] - mt) * inv_t);
-      z += e;
-      gap += math::kd_weighted_gap(e, t[c], s[c]);
-    }
+    const acc_t z = cpu::vec_hsum(vz), gap = cpu::vec_hsum(vgap);
     const acc_t lse_t = mt * inv_t + std::log(z);
     stats[2 + k] = lse_t;
     loss += weights[k] * (gap * inv_t / z - lse_t + lse_st);
@@ -111,22 +131,18 @@ void row_backward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, a
   const bool t_is_one = inv_t == acc_t(1);
   const acc_t c_p = t_is_one ? ce_s + kq : ce_s;  // at T = 1 softmax(s/T) is softmax(s)
   const Vec vlse(st[0]), vlset(st[1]), vl1(st[2]), vl2(st[3]), vinv(inv_t), vcp(c_p), vkq(kq), vk1(k1), vk2(k2);
-  int64_t c = 0;
-  for (; c + Vec::size() <= C; c += Vec::size()) {
-    const Vec x = Vec::loadu(s + c);
+  auto value = [&](int64_t c, int64_t count) {
+    auto load = [&](const acc_t* p) { return count == Vec::size() ? Vec::loadu(p + c) : Vec::loadu(p + c, count); };
+    const Vec x = load(s);
     Vec v = vcp * (x - vlse).exp();
     if (!t_is_one) v = v + vkq * (x * vinv - vlset).exp();
-    if (t1) v = v - vk1 * (Vec::loadu(t1 + c) * vinv - vl1).exp();
-    if (t2) v = v - vk2 * (Vec::loadu(t2 + c) * vinv - vl2).exp();
-    v.store(dst + c);
-  }
-  for (; c < C; ++c) {
-    acc_t v = c_p * std::exp(s[c] - st[0]);
-    if (!t_is_one) v += kq * std::exp(s[c] * inv_t - st[1]);
-    if (t1) v -= k1 * std::exp(t1[c] * inv_t - st[2]);
-    if (t2) v -= k2 * std::exp(t2[c] * inv_t - st[3]);
-    dst[c] = v;
-  }
+    if (t1) v = v - vk1 * (load(t1) * vinv - vl1).exp();
+    if (t2) v = v - vk2 * (load(t2) * vinv - vl2).exp();
+    return v;
+  };
+  int64_t c = 0;
+  for (; c + Vec::size() <= C; c += Vec::size()) value(c, Vec::size()).store(dst + c);
+  if (c < C) value(c, C - c).store(dst + c, C - c);  // padded lanes are computed and dropped
 }
 
 std::tuple<at::Tensor, at::Tensor> dual_distillation_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
