@@ -66,13 +66,14 @@ __global__ void standardise_kernel(const scalar_t* __restrict__ x, int64_t B, in
   }
 }
 
-// One block: statistics of a and b, then M (written when matrix != nullptr) and the loss.
+// One block of kFusedThreads (launch bounds keep registers within a 1024-thread block): statistics of a
+// and b, then M (written when matrix != nullptr) and the loss.
 template <typename scalar_t, typename acc_t, typename out_t>
-__global__ void fused_small_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t B,
-                                   int64_t Ka, int64_t Kb, acc_t n_var, acc_t eps, acc_t w, acc_t tau,
-                                   out_t* __restrict__ matrix, scalar_t* __restrict__ loss,
-                                   acc_t* __restrict__ stats_a, acc_t* __restrict__ stats_b,
-                                   int* __restrict__ bad_column) {
+__global__ void __launch_bounds__(kFusedThreads)
+    fused_small_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t B, int64_t Ka,
+                       int64_t Kb, acc_t n_var, acc_t eps, acc_t w, acc_t tau, out_t* __restrict__ matrix,
+                       scalar_t* __restrict__ loss, acc_t* __restrict__ stats_a, acc_t* __restrict__ stats_b,
+                       int* __restrict__ bad_column) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);  // mean_a[Ka], inv_a[Ka], mean_b[Kb], inv_b[Kb]
   __shared__ acc_t red[32];

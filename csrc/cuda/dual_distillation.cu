@@ -15,6 +15,8 @@ namespace fcl_ext {
 namespace {
 
 constexpr int kStats = 4;  // lse(s), lse(s/T), lse(t_intra/T), lse(t_inter/T)
+// Kernels may run with up to 1024 threads (cuda::row_block_threads): __launch_bounds__ keeps their
+// register use within what a 1024-thread block can have.
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t row_max(const scalar_t* row, int64_t C, acc_t* shared) {
@@ -24,10 +26,11 @@ __device__ __forceinline__ acc_t row_max(const scalar_t* row, int64_t C, acc_t* 
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void dual_distillation_fwd_kernel(const scalar_t* __restrict__ s, const int64_t* __restrict__ labels,
-                                             const scalar_t* __restrict__ t1, const scalar_t* __restrict__ t2,
-                                             int64_t C, acc_t inv_t, acc_t ce_w, acc_t w1, acc_t w2,
-                                             acc_t* __restrict__ row_loss, acc_t* __restrict__ stats) {
+__global__ void __launch_bounds__(1024)
+    dual_distillation_fwd_kernel(const scalar_t* __restrict__ s, const int64_t* __restrict__ labels,
+                                 const scalar_t* __restrict__ t1, const scalar_t* __restrict__ t2, int64_t C,
+                                 acc_t inv_t, acc_t ce_w, acc_t w1, acc_t w2, acc_t* __restrict__ row_loss,
+                                 acc_t* __restrict__ stats) {
   __shared__ acc_t shared[32];
   const int64_t r = blockIdx.x;
   const scalar_t* srow = s + r * C;
@@ -83,11 +86,12 @@ __global__ void mean_finish_kernel(const acc_t* __restrict__ row_loss, int64_t n
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void dual_distillation_bwd_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ s,
-                                             const int64_t* __restrict__ labels, const scalar_t* __restrict__ t1,
-                                             const scalar_t* __restrict__ t2, const acc_t* __restrict__ stats,
-                                             int64_t N, int64_t C, acc_t inv_t, acc_t ce_w, acc_t w1, acc_t w2,
-                                             scalar_t* __restrict__ grad) {
+__global__ void __launch_bounds__(1024)
+    dual_distillation_bwd_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ s,
+                                 const int64_t* __restrict__ labels, const scalar_t* __restrict__ t1,
+                                 const scalar_t* __restrict__ t2, const acc_t* __restrict__ stats, int64_t N,
+                                 int64_t C, acc_t inv_t, acc_t ce_w, acc_t w1, acc_t w2,
+                                 scalar_t* __restrict__ grad) {
   const int64_t r = blockIdx.x;
   const acc_t scale = static_cast<acc_t>(*grad_loss) / acc_t(N);
   const acc_t ce_s = scale * ce_w;
