@@ -73,3 +73,58 @@ def test_loss_backends_agree(tmp_path):
     for k in sa:
         if sa[k].is_floating_point():
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_clients_send_only_weights_and_prototype_gradients(tmp_path):
+    """Without the PSNR audit, an update carries the model, counts, the signal and [K, P] gradients:
+    no images, no labels of the prototypes (the proxy recovers them from the gradients)."""
+    from python_api.engine import InProcessEngine
+    from python_api.methods.glfc import GLFCServer
+    server = GLFCServer(tiny_config("proxy.psnr=false"), tmp_path, torch.device("cpu"))
+    engine = InProcessEngine(server, progress=False)
+    engine.audit = True
+    record = server.run_round(0, engine)
+    replies = [m for m in engine.messages_carried if m[0] == "reply"]
+    assert {kind for _, kind, _, _ in replies} == {"update", "refreshed"}
+    for _, kind, _, payload in replies:
+        allowed = {"state", "num_samples", "signal", "loss", "proto_grads", "old_model_id"} if kind == "update" \
+            else {"signal"}
+        assert set(payload) <= allowed, set(payload) - allowed
+        if kind == "update" and payload["proto_grads"] is not None:
+            assert payload["proto_grads"].dim() == 2 and payload["proto_grads"].shape[0] == 2
+    assert record["num_gradients"] == 4 and record["psnr_mean"] is None
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL a CLI run once its first checkpoint exists, resume it, compare with an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.glfc_tiny import TINY
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.Popen([sys.executable, "-m", "python_api", "train", "glfc", "--out", str(out), *TINY],
+                            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / "checkpoints" / "last.pt").exists()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = load_checkpoint(out / "checkpoints" / "last.pt")["round"]
+    resumed = run_training("glfc", tiny_config(), out_dir=out, resume=True)
+    full = run_training("glfc", tiny_config(), out_dir=tmp_path / "full")
+    assert resumed.completed and len(resumed.records) == len(full.records) == 4
+    if proc.returncode != 0:                      # killed (-9) before the end, as intended
+        assert done < 3
+    for a, b in zip(full.records, resumed.records):
+        for key in COMPARED:
+            assert a[key] == b[key], (a["round"], key)

@@ -246,3 +246,45 @@ def test_fedavg_unweighted_weighted_and_integer_buffers():
     assert avg["w"].tolist() == [2.0, 4.0] and avg["n"].item() == 3 and avg["n"].dtype == torch.long
     weighted = fedavg([s1, s2], weights=[3, 1])
     assert weighted["w"].tolist() == [1.5, 3.5]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_second_signal_in_a_task_double_counts_unless_switched(skip):
+    random.seed(4)
+    ctx = _fake_ctx(num_classes=4, task_size=2, per_class=10, memory=8)
+    ctx.cfg.client.skip_relearned_classes = skip
+    client = GLFCClient(0, ctx)
+    model = ClassReader(4, known=[])
+    client.before_train(0, 1)
+    client.before_train(1, 1)                  # task 1: last_class = the task-0 classes
+    first = list(client.last_class)
+    for _ in range(2):                         # two signals within the same task
+        client.last_entropy = -100.0
+        client.update_new_set(model)
+    assert client.learned_classes == (first if skip else first + first)
+    assert len(client.exemplar_sets) == len(client.learned_classes)
+    assert sum(len(e) for e in client.exemplar_sets) <= 8
+
+
+@pytest.mark.parametrize("mode", ["descent", "gaussian", "none"])
+def test_prototype_perturbation_modes(mode):
+    from python_api.models import IncrementalNet, build_model
+    ctx = _fake_ctx()
+    ctx.cfg.client.perturbation = mode
+    ctx.cfg.client.perturb_steps = 3
+    torch.manual_seed(0)
+    model = IncrementalNet(build_model("resnet10", None, width=4), 4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    client = GLFCClient(0, ctx)
+    x0 = torch.rand(2, 3, 8, 8)
+    x = client.perturb(model, x0, torch.tensor([0, 3]), 4, torch.full((2, model.feature_dim), 0.01))
+    assert x.shape == x0.shape and not x.requires_grad
+    assert torch.equal(x, x0) == (mode == "none")
+    for k, v in model.state_dict().items():          # only the image is optimised
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in model.parameters())
+    if mode == "descent":                            # pushed towards the class: the BCE goes down
+        onehot = torch.nn.functional.one_hot(torch.tensor([0, 3]), 4).float()
+        bce = lambda z: torch.nn.functional.binary_cross_entropy_with_logits(model(z), onehot)  # noqa: E731
+        with torch.no_grad():
+            assert bce(x) < bce(x0)
