@@ -51,11 +51,12 @@ def trainer_demos():
     for method, preset in (("glfc", "glfc-demo"), ("fccl", "fccl-demo")):
         print(f"\n=== fcl-ext train {method} --config {preset} ===", flush=True)
         try:
-            cli.main(["train", method, "--config", preset])
-        except SystemExit as exc:  # argparse / trainer errors
-            if exc.code:
-                print(f"{method} demo failed: {exc}", file=sys.stderr)
-                rc = 1
+            code = cli.main(["train", method, "--config", preset, "--out", f"runs/{preset}"])
+        except SystemExit as exc:  # argparse errors
+            code = exc.code
+        if code:
+            print(f"{method} demo failed (exit code {code})", file=sys.stderr)
+            rc = 1
     return rc
 
 
