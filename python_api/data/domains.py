@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from python_api.data.common import DeviceAugment, resize_uint8
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 BUNDLED_MEAN, BUNDLED_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -67,6 +69,7 @@ class PublicData:
     crop_padding: int = 4
     hflip: bool = True
     rotation_degrees: float = 15.0
+    crop_size: int = 32                 # RandomCrop's output size (images larger than this get cropped to it)
     notes: dict = field(default_factory=dict)
 
 
@@ -84,46 +87,23 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (x - m) / s
 
 
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear antialiased resize of uint8 N x C x H x W to size x size (PIL's Resize, as the reference)."""
-    if images.shape[-2:] == (size, size):
-        return images.contiguous()
-    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
 def to_three_channels(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
 
 def augment(images: torch.Tensor, *, crop_padding: int = 4, hflip: bool = True, rotation_degrees: float = 15.0,
             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """RandomCrop(pad) -> RandomHorizontalFlip -> RandomRotation(deg) on a float batch, one draw per image.
+    """RandomCrop(pad) -> RandomHorizontalFlip -> RandomRotation(deg) on a [0, 1] float batch, one draw per image.
 
-    Zero padding and zero fill, nearest sampling for the rotation: torchvision's defaults on the PIL image
-    (applied here before normalisation, so black stays black)."""
-    n, _, h, w = images.shape
-    device = images.device
-
-    def uniform(*shape):
-        return torch.rand(*shape, generator=generator, device="cpu").to(device)
-
-    out = images
-    if crop_padding > 0:
-        padded = F.pad(out, (crop_padding,) * 4)
-        offsets = (uniform(n, 2) * (2 * crop_padding + 1)).long().clamp_(max=2 * crop_padding)
-        rows = (offsets[:, 0:1] + torch.arange(h, device=device)).view(n, 1, h, 1)
-        cols = (offsets[:, 1:2] + torch.arange(w, device=device)).view(n, 1, 1, w)
-        index = torch.arange(n, device=device).view(n, 1, 1, 1)
-        channel = torch.arange(out.shape[1], device=device).view(1, -1, 1, 1)
-        out = padded[index, channel, rows, cols]
-    if hflip:
-        flip = uniform(n) < 0.5
-        out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+    Crop and flip are the shared DeviceAugment's (zero padding; global torch RNG, saved in checkpoints);
+    the rotation uses zero fill and nearest sampling, torchvision's RandomRotation defaults."""
+    out = DeviceAugment((0.0,), (1.0,), crop_padding=crop_padding, hflip=hflip, device=images.device) \
+        .augment_unit(images)
     if rotation_degrees > 0:
-        angle = (uniform(n) * 2 - 1) * math.radians(rotation_degrees)
+        n = out.shape[0]
+        angle = (torch.rand(n, generator=generator) * 2 - 1).to(out.device) * math.radians(rotation_degrees)
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.zeros(n, 2, 3, device=device, dtype=out.dtype)
+        theta = torch.zeros(n, 2, 3, device=out.device, dtype=out.dtype)
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         grid = F.affine_grid(theta, list(out.shape), align_corners=False)
         out = F.grid_sample(out, grid, mode="nearest", padding_mode="zeros", align_corners=False)
@@ -133,7 +113,11 @@ def augment(images: torch.Tensor, *, crop_padding: int = 4, hflip: bool = True, 
 def augment_public(public: PublicData, images_uint8: torch.Tensor,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The public batch transform: augmentation in [0, 1] pixel space, then normalisation."""
-    x = augment(images_uint8.float() / 255.0, crop_padding=public.crop_padding, hflip=public.hflip,
+    x = images_uint8.float() / 255.0
+    padding = public.crop_padding
+    if x.shape[-1] > public.crop_size:   # Tiny-ImageNet: RandomCrop(32, pad 4) of a 64x64 image (spec 2.3)
+        x, padding = crop_to(x, public.crop_size, padding, generator), 0
+    x = augment(x, crop_padding=padding, hflip=public.hflip,
                 rotation_degrees=public.rotation_degrees, generator=generator)
     return normalise((x * 255.0).round_().to(torch.uint8), public.mean, public.std)
 
@@ -222,8 +206,11 @@ def image_folder_files(path: Path) -> tuple[list[tuple[Path, int]], list[str]]:
 
 
 def decode_images(files: Sequence[Path], size: Optional[int]) -> torch.Tensor:
-    """Decode to RGB once and resize to size x size (bilinear, as torchvision Resize((s, s)))."""
+    """Decode to RGB once and resize to size x size (bilinear, as torchvision Resize((s, s))); None keeps the size."""
     from PIL import Image
+    if size is not None and files:
+        from python_api.data.folders import _decode   # the shared decoder (RGB, bilinear resize)
+        return torch.from_numpy(np.stack([_decode(Path(f), size) for f in files]))
     arrays = []
     for file in files:
         with Image.open(file) as image:
@@ -345,7 +332,7 @@ def crop_to(images: torch.Tensor, size: int, padding: int, generator=None) -> to
     padded = F.pad(images, (padding,) * 4)
     top = torch.randint(0, h + 2 * padding - size + 1, (n,), generator=generator).tolist()
     left = torch.randint(0, w + 2 * padding - size + 1, (n,), generator=generator).tolist()
-    return torch.stack([padded[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(top, left))])
+    return torch.stack([padded[i, :, t:t + size, c:c + size] for i, (t, c) in enumerate(zip(top, left))])
 
 
 # ---------------------------------------------------------------- bundled offline domains
@@ -401,7 +388,7 @@ def bundled_digit_domains(image_size: int = 16, train_per_domain: int = 100, tes
         rows = (style_of == s).nonzero().flatten()
         public_images[rows] = _digit_styles(base[public_index[rows]], style, generator)
     public = PublicData("bundled", as_uint8(public_images), BUNDLED_MEAN, BUNDLED_STD, crop_padding=2,
-                        hflip=False, rotation_degrees=10.0, notes={"source": "sklearn digits, mixed styles"})
+                        hflip=False, rotation_degrees=10.0, crop_size=image_size, notes={"source": "sklearn digits, mixed styles"})
     result = []
     for d, style in enumerate(domains):
         chunk = order[public_size + d * per_domain: public_size + (d + 1) * per_domain]

@@ -37,3 +37,5 @@ def build_model(name: str, num_classes: Optional[int] = None, **kwargs):
 
 for _name, _fn in (("resnet10", resnet10), ("resnet12", resnet12), ("resnet18", resnet18), ("resnet34", resnet34)):
     register_model(_name, _fn)
+
+from python_api.models import efficientnet, googlenet, mobilenetv2  # noqa: E402,F401  (FCCL backbones register themselves)

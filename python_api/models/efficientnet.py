@@ -8,6 +8,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from python_api.models import register_model
+
 # (expansion, out_channels, blocks, kernel, first stride) per stage.
 STAGES = ((1, 16, 1, 3, 1), (6, 24, 2, 3, 2), (6, 40, 2, 5, 2), (6, 80, 3, 3, 2), (6, 112, 3, 5, 1),
           (6, 192, 4, 5, 2), (6, 320, 1, 3, 1))
@@ -88,3 +90,6 @@ class EfficientNetB0(nn.Module):
 
 def efficientnet_b0(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> EfficientNetB0:
     return EfficientNetB0(num_classes, width, in_channels)
+
+
+register_model("efficientnet_b0", efficientnet_b0)

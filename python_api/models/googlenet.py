@@ -7,6 +7,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from python_api.models import register_model
+
 # (in, 1x1, 3x3 reduce, 3x3, double-3x3 reduce, double-3x3, pool projection); None marks a max-pool.
 INCEPTIONS = (
     (192, 64, 96, 128, 16, 32, 32), (256, 128, 128, 192, 32, 96, 64), None,
@@ -66,3 +68,6 @@ class GoogLeNet(nn.Module):
 
 def googlenet(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> GoogLeNet:
     return GoogLeNet(num_classes, width, in_channels)
+
+
+register_model("googlenet", googlenet)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from python_api.models import register_model
+
 # (expansion, out_channels, blocks, first stride) per stage; stage 2 uses stride 1 for 32x32 inputs.
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
           (6, 320, 1, 1))
@@ -69,3 +71,6 @@ class MobileNetV2(nn.Module):
 
 def mobilenetv2(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> MobileNetV2:
     return MobileNetV2(num_classes, width, in_channels)
+
+
+register_model("mobilenetv2", mobilenetv2)

@@ -13,3 +13,17 @@ from python_api.methods.fccl.server import FCCLServer, intra_inter
 
 __all__ = ["FCCLConfig", "FCCLDataConfig", "FCCLMethodConfig", "ParticipantConfig", "PretrainConfig",
            "FCCLParticipant", "FCCLServer", "collaborative_target", "intra_inter"]
+
+
+def build_fccl(cfg, run_dir=None, device=None) -> FCCLServer:
+    return FCCLServer(cfg, device=device)
+
+
+def _register() -> None:
+    from python_api.methods import MethodSpec, register_method
+    register_method(MethodSpec(name="fccl", config_cls=FCCLConfig, build=build_fccl,
+                               description="FCCL: heterogeneous participants, public-data cross-correlation, "
+                                           "dual-domain distillation (and the FedMD / SOLO baselines)"))
+
+
+_register()

@@ -50,12 +50,10 @@ def collaborative_target(others_sum: torch.Tensor, count: int, own_slot: torch.T
 
 
 def build_backbone(name: str, num_classes: int, width: float = 1.0) -> torch.nn.Module:
-    from python_api.models import efficientnet, googlenet, mobilenetv2
-    local = {"efficientnet_b0": efficientnet.efficientnet_b0, "mobilenetv2": mobilenetv2.mobilenetv2,
-             "googlenet": googlenet.googlenet}
-    if name in local:
-        return local[name](num_classes=num_classes, width=width)
-    from python_api.models import build_model  # the shared registry (CIFAR ResNets and the rest)
+    """A registered backbone; `width` multiplies the channel counts (ResNets: base width 64 * width)."""
+    from python_api.models import build_model
+    if name.startswith("resnet"):
+        return build_model(name, num_classes=num_classes, width=max(1, int(round(64 * width))))
     return build_model(name, num_classes=num_classes, width=width)
 
 

@@ -54,9 +54,9 @@ def cross_correlation_matrix(a: torch.Tensor, b: torch.Tensor, unbiased: bool = 
 class FCCLServer:
     METHOD = "fccl"
 
-    def __init__(self, cfg, domains: Optional[list] = None, public=None):
+    def __init__(self, cfg, domains: Optional[list] = None, public=None, device=None):
         self.cfg = cfg
-        self.device = _resolve_device(cfg.run.device)
+        self.device = torch.device(device) if device is not None else _resolve_device(cfg.run.device)
         if domains is None:
             domains, public = build_domains(cfg)
         self.domains, self.public = domains, public
@@ -185,6 +185,8 @@ class FCCLServer:
                            "inter": {"per_participant": s["inter"], "mean": s["mean_inter"]},
                            "accuracy_matrix": s["per_domain"], "metric": headline,
                            "definition": "pretrained-only models (private data only, no federation)"}
+        from python_api.methods.fccl.plots import summary_table
+        out["report"] = summary_table(out)
         return out
 
     def round_postfix(self, record: dict) -> dict:
