@@ -32,6 +32,7 @@ import torch
 from python_api.checkpoint import capture_rng_state, restore_rng_state
 from python_api.engine.base import Message as EngineMessage
 from python_api.engine.flower import codec
+from python_api.engine.flower.transport import isolate_library_rng
 from python_api.engine.flower.protocol import (ENGINE_TYPES, GENERIC_TYPE, IN_MEMORY_KINDS, MESSAGE_TYPES, PAYLOAD,
                                                RUN_RECORD, config_digest, decode_cid, encode_cid)
 
@@ -167,11 +168,8 @@ def handle_message(message, context):
             client.load_state_dict(state)
             runtime.persist(context, cid, client, "__load_state", None, None)
         return _reply(message, {"loaded": len(tree["clients"])}, {"kind": "__load_state"})
-    if kind == "__proxy":
-        from python_api.engine.flower.proxy import handle_proxy
-        return _reply(message, *handle_proxy(runtime, context, tree))
-
     cid = decode_cid(meta["cid"])
+    isolate_library_rng()
     client = runtime.client(context, cid)
     if tree.get("rng") is not None:
         restore_rng_state(tree["rng"])

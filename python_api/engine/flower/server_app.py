@@ -35,12 +35,19 @@ def options_from_run_config(run_config) -> FlowerOptions:
 def train_on_grid(grid, method_name: str, cfg, out_dir=None, resume: bool = False,
                   options: Optional[FlowerOptions] = None, verbose: bool = True):
     """run_training with this grid as the transport; the transport's misses go to flower_misses.json."""
+    from python_api.engine.flower.transport import config_text, discover_nodes
     from python_api.engine.runner import run_training
+    options = options or FlowerOptions()
+    # Meet the nodes before the run seeds its RNGs: the runtime's own start-up (Ray, gRPC) may still
+    # draw from Python's global `random` until the first reply came back.
+    discovered = discover_nodes(grid, method_name, config_text(cfg), options)
     made: list = []
 
     def engine_factory(method, progress=True):
-        made.append(FlowerTransport(grid, method, method_name, cfg, progress=progress, options=options))
-        return made[0]
+        transport = FlowerTransport(grid, method, method_name, cfg, progress=progress, options=options)
+        transport.connect(discovered)
+        made.append(transport)
+        return transport
 
     result = run_training(method_name, cfg, out_dir=out_dir, resume=resume, engine=engine_factory, verbose=verbose)
     if made:

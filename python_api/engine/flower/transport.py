@@ -27,7 +27,7 @@ from python_api.engine.base import Message as EngineMessage
 from python_api.engine.flower import codec
 from python_api.engine.flower.protocol import ENGINE_TYPES, PAYLOAD, encode_cid, flower_type
 
-__all__ = ["FlowerTransport", "FlowerOptions", "isolate_library_rng"]
+__all__ = ["FlowerTransport", "FlowerOptions", "isolate_library_rng", "discover_nodes", "send_control", "config_text"]
 
 log = logging.getLogger("fcl_ext.flower")
 
@@ -70,17 +70,53 @@ def isolate_library_rng() -> None:
             module.random = private
 
 
+def send_control(grid, node_id: int, kind: str, tree, timeout=None, device=None):
+    """One engine control message (hello, state, load_state, proxy) to one node; raises on failure."""
+    content = codec.to_record_dict(tree, {"kind": kind}, PAYLOAD)
+    message = grid.create_message(content, ENGINE_TYPES[kind.strip("_")], node_id, "control")
+    replies = list(grid.send_and_receive([message], timeout=timeout))
+    if not replies or replies[0].has_error():
+        reason = replies[0].error.reason if replies else "no reply"
+        raise RuntimeError(f"flower: node {node_id} failed {kind}: {reason}")
+    return codec.from_record_dict(replies[0].content, PAYLOAD, device)[0]
+
+
+def discover_nodes(grid, method_name: str, config_yaml: str, options: "FlowerOptions") -> dict:
+    """node id -> hello reply (partition_id, num_partitions, role, pid) for every node, once at least
+    options.min_nodes client nodes answered (bounded by options.node_wait_s). The hello hands each node
+    the run's method name and resolved config, which it keeps in Context.state."""
+    isolate_library_rng()
+    deadline = time.monotonic() + options.node_wait_s
+    hello = {"method": method_name, "config": config_yaml}
+    info: dict = {}
+    while True:
+        for node_id in sorted(grid.get_node_ids()):
+            if node_id not in info:
+                info[node_id] = send_control(grid, node_id, "__hello", hello, timeout=options.node_wait_s)
+        clients = [n for n, i in info.items() if i["role"] != "proxy"]
+        if len(clients) >= options.min_nodes:
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flower: {len(clients)} client nodes answered, {options.min_nodes} needed "
+                               f"(waited {options.node_wait_s:.0f} s)")
+        time.sleep(0.5)
+
+
+def config_text(cfg) -> str:
+    import yaml
+    from python_api.config import to_dict
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 class FlowerTransport:
     name = "flower"
 
     def __init__(self, grid, method, method_name: str, cfg, progress: bool = True,
                  options: Optional[FlowerOptions] = None):
-        import yaml
-        from python_api.config import to_dict
         self.grid, self.method, self.method_name, self.cfg = grid, method, method_name, cfg
         self.progress = progress
         self.options = options or FlowerOptions()
-        self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+        self.config_yaml = config_text(cfg)
         self.device = getattr(method, "device", None)
         self.nodes: Optional[list] = None          # client node ids, ordered by partition-id
         self.node_info: dict = {}                  # node id -> hello reply
@@ -94,33 +130,20 @@ class FlowerTransport:
 
     # ---------------------------------------------------------------- nodes
     def _send_control(self, node_id: int, kind: str, tree, timeout=None):
-        content = codec.to_record_dict(tree, {"kind": kind}, PAYLOAD)
-        message = self.grid.create_message(content, ENGINE_TYPES[kind.strip("_")], node_id, "control")
-        replies = list(self.grid.send_and_receive([message], timeout=timeout))
-        if not replies or replies[0].has_error():
-            reason = replies[0].error.reason if replies else "no reply"
-            raise RuntimeError(f"flower: node {node_id} failed {kind}: {reason}")
-        return codec.from_record_dict(replies[0].content, PAYLOAD, self.device)[0]
+        return send_control(self.grid, node_id, kind, tree, timeout, self.device)
 
-    def connect(self) -> None:
-        """Wait for min_nodes client nodes, say hello (the run's config) and learn their partition ids."""
+    def connect(self, discovered: Optional[dict] = None) -> None:
+        """Wait for min_nodes client nodes, say hello (the run's config) and learn their partition ids.
+        The RNG state is put back afterwards: nothing here may shift the method's stream."""
         if self.nodes is not None:
             return
-        deadline = time.monotonic() + self.options.node_wait_s
-        hello = {"method": self.method_name, "config": self.config_yaml}
-        while True:
-            for node_id in sorted(self.grid.get_node_ids()):
-                if node_id not in self.node_info:
-                    self.node_info[node_id] = self._send_control(node_id, "__hello", hello,
-                                                                 timeout=self.options.node_wait_s)
-            clients = [n for n, i in self.node_info.items() if i["role"] != "proxy"]
-            if len(clients) >= self.options.min_nodes:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"flower: {len(clients)} client nodes connected, {self.options.min_nodes} "
-                                   f"needed (waited {self.options.node_wait_s:.0f} s)")
-            time.sleep(0.5)
-        self.nodes = sorted(clients, key=lambda n: (self.node_info[n]["partition_id"], n))
+        isolate_library_rng()
+        rng = capture_rng_state()
+        self.node_info = discovered if discovered is not None else discover_nodes(
+            self.grid, self.method_name, self.config_yaml, self.options)
+        restore_rng_state(rng)
+        self.nodes = sorted([n for n, i in self.node_info.items() if i["role"] != "proxy"],
+                            key=lambda n: (self.node_info[n]["partition_id"], n))
         proxies = [n for n, i in self.node_info.items() if i["role"] == "proxy"]
         if self.options.proxy == "node":
             if not proxies:
@@ -166,6 +189,7 @@ class FlowerTransport:
         return out, tree.get("rng")
 
     def send(self, messages: Sequence[EngineMessage], desc: str = "") -> list:
+        isolate_library_rng()   # Flower imports some modules lazily
         self.connect()
         for m in messages:
             if m.dst not in self.known_cids:
