@@ -86,11 +86,15 @@ class LocalFederation:
         self._start("superlink", [str(self.bin / "flower-superlink"), "--insecure", "--host", LOOPBACK,
                                   "--port", str(self.port), "--disable-runtime-dependency-installation"])
         self._wait_port(self.port)
+        ports = []
         for i, node_config in enumerate(self.node_configs):
+            ports.append(free_port())
+            # (SuperNodes install no app dependencies unless --allow-runtime-dependency-installation)
             self._start(f"supernode{i}", [str(self.bin / "flower-supernode"), "--insecure",
                                           "--superlink", f"{LOOPBACK}:{self.port}", "--host", LOOPBACK,
-                                          "--port", str(free_port()), "--node-config", node_config,
-                                          "--disable-runtime-dependency-installation"])
+                                          "--port", str(ports[-1]), "--node-config", node_config])
+        for port in ports:
+            self._wait_port(port)
         return self
 
     def stop(self) -> None:

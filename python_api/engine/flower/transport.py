@@ -39,16 +39,18 @@ class FlowerOptions:
     min_nodes         client nodes to wait for before the first round
     node_wait_s       how long to wait for them
     reply_timeout_s   per request (sequential) or per send (independent); None = no limit
-    proxy             "server" (the GLFC proxy runs in the ServerApp process: it sees the prototype
-                      gradients) | "node" (on the SuperNode started with node_config role=proxy)
+    proxy             "server": the GLFC proxy runs in the ServerApp process, so whoever runs the
+                      ServerApp sees the clients' prototype gradients (as the paper's proxy server does)
     """
 
     def __init__(self, rng: str = "sequential", min_nodes: int = 1, node_wait_s: float = 120.0,
                  reply_timeout_s: Optional[float] = 3600.0, proxy: str = "server"):
         if rng not in ("sequential", "independent"):
             raise ValueError(f"flower rng: {rng!r} is not 'sequential' or 'independent'")
-        if proxy not in ("server", "node"):
-            raise ValueError(f"flower proxy: {proxy!r} is not 'server' or 'node'")
+        if proxy != "server":
+            # A role=proxy SuperNode (the ServerApp then never sees prototype gradients) is planned, not built.
+            raise ValueError(f"flower proxy: {proxy!r} is not supported yet; the GLFC proxy runs in the "
+                             "ServerApp process (proxy=server)")
         self.rng, self.min_nodes, self.node_wait_s = rng, int(min_nodes), float(node_wait_s)
         self.reply_timeout_s = None if reply_timeout_s in (None, 0, "") else float(reply_timeout_s)
         self.proxy = proxy
@@ -145,12 +147,7 @@ class FlowerTransport:
         self.nodes = sorted([n for n, i in self.node_info.items() if i["role"] != "proxy"],
                             key=lambda n: (self.node_info[n]["partition_id"], n))
         proxies = [n for n, i in self.node_info.items() if i["role"] == "proxy"]
-        if self.options.proxy == "node":
-            if not proxies:
-                raise RuntimeError("flower proxy=node: no SuperNode with node_config role=proxy connected")
-            self.proxy_node = proxies[0]
-            from python_api.engine.flower.proxy import attach_remote_proxy
-            attach_remote_proxy(self.method, self)
+        self.proxy_node = proxies[0] if proxies else None   # reserved: role=proxy nodes host no clients
         log.info("flower: %d client nodes %s", len(self.nodes),
                  [(self.node_info[n]["partition_id"], n) for n in self.nodes])
 
