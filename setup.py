@@ -179,10 +179,20 @@ def write_build_info(use_cuda, arch_list, openmp, reason, cpu_vec):
         path.write_text(text)
 
 
+def ext_modules():
+    # `make` installs the package editable with FCL_EXT_SKIP_EXT=1 and compiles with
+    # `build_ext --inplace`: pip's editable build uses a throw-away build dir and would
+    # recompile everything (minutes with CUDA) on every install.
+    if os.environ.get("FCL_EXT_SKIP_EXT") == "1":
+        log("FCL_EXT_SKIP_EXT=1: Python packages only; build the extension with build_ext --inplace")
+        return []
+    return build_extensions()
+
+
 setup(
     name="fcl_ext",
     version=VERSION,
     packages=find_packages(include=["fcl_ext", "fcl_ext.*", "python_api", "python_api.*"]),
-    ext_modules=build_extensions(),
+    ext_modules=ext_modules(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -14,8 +14,15 @@ IMPLS = ["fcl_ext", "eager", "compiled"]
 MODES = ["fwd", "fwd+bwd"]
 
 
-def pytest_configure(config):
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record torch and the GPU with every run (benchmarks/report.py keys results by machine)."""
+    machine_info["fcl_ext_torch"] = torch.__version__
+    machine_info["fcl_ext_gpu"] = torch.cuda.get_device_name(0) if "cuda" in bench_devices() else None
+    try:
+        import fcl_ext
+        machine_info["fcl_ext_build"] = fcl_ext.info()
+    except Exception as exc:  # the report still works without it
+        machine_info["fcl_ext_build"] = repr(exc)
 
 
 @pytest.fixture(scope="session")

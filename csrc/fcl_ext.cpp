@@ -24,6 +24,18 @@ TORCH_LIBRARY(fcl_ext, m) {
   m.def("_softmax_entropy_backward(Tensor grad_entropy, Tensor logits, Tensor stats, float eps) -> Tensor");
 
   // ---- glfc losses (issue 3) -----------------------------------------------------
+  // GLFC's local objective (specs/glfc.md 1.2-1.3), one fused op for L_GC, L_RD and their mix.
+  // logits [N, C], labels int64 [N], old_class_mask bool [C] (None: no old classes, w = 1),
+  // old_logits [N, C_old <= C] (None: C_old = 0, the RD target is the one-hot).
+  // per_sample_loss [N] = (gc_weight * w_i * gc_i + rd_weight * rd_i) / C, where gc_i and rd_i are
+  // the BCE row sums against onehot(y) and [sigmoid(q) || onehot(y)[C_old:]].
+  // weights [N] (accumulation dtype) = w_i, the gradient-compensation weights (no gradient).
+  // row_stats [N, 2] (accumulation dtype) = (gc_i / C, rd_i / C), unweighted, for logging.
+  // The backward needs only the weights: dL/do_ic = g_i [gc_weight w_i (p - t) + rd_weight (p - t')] / C.
+  m.def("glfc_loss(Tensor logits, Tensor labels, Tensor? old_class_mask, Tensor? old_logits, float gc_weight, "
+        "float rd_weight) -> (Tensor per_sample_loss, Tensor weights, Tensor row_stats)");
+  m.def("_glfc_loss_backward(Tensor grad_per_sample_loss, Tensor logits, Tensor labels, Tensor? old_logits, "
+        "Tensor weights, float gc_weight, float rd_weight) -> Tensor");
 
   // ---- fccl losses (issue 4) -----------------------------------------------------
 

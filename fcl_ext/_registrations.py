@@ -32,6 +32,7 @@ def _register_backward_op(qualname: str):
 
 # A CPU-only build has no CUDA kernels: say so instead of the dispatcher's generic error.
 _ALL_OPS = []
+_CUDA_GUARDS = {}  # qualname -> the CUDA stub registered in a CPU-only build (tests call it)
 
 
 def _guard_cuda(qualname: str):
@@ -45,6 +46,7 @@ def _guard_cuda(qualname: str):
             f"({BUILD_INFO['cuda_reason']}). Rebuild with a CUDA torch and nvcc "
             "(FCL_EXT_CUDA=1 pip install --no-build-isolation -e .).")
 
+    _CUDA_GUARDS[qualname] = no_cuda
     torch.library.impl(qualname, "CUDA")(no_cuda)
 
 
@@ -82,6 +84,42 @@ for _op in ("fcl_ext::softmax_entropy", "fcl_ext::_softmax_entropy_backward"):
     _guard_cuda(_op)
 
 # ---- glfc losses (issue 3) ------------------------------------------------------
+
+@register_fake("fcl_ext::glfc_loss")
+def _glfc_loss_fake(logits, labels, old_class_mask, old_logits, gc_weight, rd_weight):
+    n = logits.shape[0]
+    opmath = opmath_dtype(logits.dtype)
+    return logits.new_empty((n,)), logits.new_empty((n,), dtype=opmath), logits.new_empty((n, 2), dtype=opmath)
+
+
+@register_fake("fcl_ext::_glfc_loss_backward")
+def _glfc_loss_backward_fake(grad_per_sample_loss, logits, labels, old_logits, weights, gc_weight, rd_weight):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _glfc_loss_setup(ctx, inputs, output):
+    logits, labels, _, old_logits, gc_weight, rd_weight = inputs
+    _, weights, row_stats = output
+    ctx.mark_non_differentiable(weights, row_stats)
+    # Only the weights are saved: the backward recomputes both sigmoids from the inputs.
+    ctx.save_for_backward(logits, labels, old_logits, weights)
+    ctx.gc_weight, ctx.rd_weight = gc_weight, rd_weight
+
+
+def _glfc_loss_backward(ctx, grad_per_sample_loss, grad_weights, grad_row_stats):
+    logits, labels, old_logits, weights = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.fcl_ext._glfc_loss_backward(grad_per_sample_loss, logits, labels, old_logits, weights,
+                                                     ctx.gc_weight, ctx.rd_weight)
+    # No gradient to labels, the mask, or old_logits (the teacher is fixed), nor to the floats.
+    return grad, None, None, None, None, None
+
+
+register_autograd("fcl_ext::glfc_loss", _glfc_loss_backward, setup_context=_glfc_loss_setup)
+_register_backward_op("fcl_ext::_glfc_loss_backward")
+for _op in ("fcl_ext::glfc_loss", "fcl_ext::_glfc_loss_backward"):
+    _guard_cuda(_op)
 
 # ---- fccl losses (issue 4) ------------------------------------------------------
 

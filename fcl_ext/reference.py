@@ -50,8 +50,9 @@ def gradient_compensation_weights(logits, labels, old_class_mask):
     n, c = logits.shape
     mask = as_old_class_mask(old_class_mask, c)
     with torch.no_grad():
-        g = 1 - torch.sigmoid(logits.gather(1, labels.view(-1, 1)).squeeze(1).float()).to(
-            torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        target_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+        target_logit = target_logit.double() if logits.dtype == torch.float64 else target_logit.float()
+        g = torch.sigmoid(-target_logit)  # = 1 - p_y, without the cancellation where p_y -> 1
         if not bool(mask.any()):
             return torch.ones_like(g)
         is_old = mask[labels]

@@ -81,7 +81,14 @@ def _train(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options (`--config x a.b=1`): argparse leaves those as unknown args
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:
+        if "=" in item and not item.startswith("-") and hasattr(args, "overrides"):
+            args.overrides.append(item)
+        else:
+            parser.error(f"unrecognized argument: {item}")
     try:
         if args.command == "train":
             return _train(args)

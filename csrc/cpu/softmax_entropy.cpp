@@ -16,7 +16,7 @@ using at::vec::Vectorized;
 // Returns H, writes (max, log sum exp(x - max), abar) into stats. Keeping the max apart
 // from log-sum keeps x - max exact; x - logsumexp loses digits when |x| is large.
 template <typename T>
-inline T entropy_row(const T* x, int64_t n, T eps, T* stats) {
+inline T entropy_row(const T* x, int64_t n, T eps, T* stats, std::vector<T>& e_buf) {
   using Vec = Vectorized<T>;
   const T m = cpu::vec_max(x, n);
   if (m == -std::numeric_limits<T>::infinity()) {  // all entries -inf: undefined, as in torch
@@ -25,19 +25,26 @@ inline T entropy_row(const T* x, int64_t n, T eps, T* stats) {
     return std::numeric_limits<T>::quiet_NaN();
   }
   // s = sum e, t = sum e * (x - m); a -inf logit has e == 0 and contributes nothing.
+  // The eps form needs p = e / s again: keep e in a row buffer (L1-resident) instead of
+  // recomputing the exponentials.
+  const bool keep = eps != T(0);
+  if (keep) e_buf.resize(n);
+  T* eb = e_buf.data();
   Vec vs(0), vt(0), vm(m), zero(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec d = Vec::loadu(x + i) - vm;
-    Vec e = d.exp();
+    Vec e = cpu::fast_exp(d);
     vs = vs + e;
     vt = vt + Vec::blendv(e * d, zero, e == zero);
+    if (keep) e.store(eb + i);
   }
   T s = cpu::vec_hsum(vs), t = cpu::vec_hsum(vt);
   for (; i < n; ++i) {
     T d = x[i] - m, e = std::exp(d);
     s += e;
     t += e == T(0) ? T(0) : e * d;
+    if (keep) eb[i] = e;
   }
   const T log_s = std::log(s);
   stats[0] = m;
@@ -48,16 +55,18 @@ inline T entropy_row(const T* x, int64_t n, T eps, T* stats) {
     return h;
   }
   // eps > 0: H = -sum p log(p + eps), abar = H - sum p^2 / (p + eps).
-  Vec vh(0), vq(0), vls(log_s), veps(eps);
+  const T inv_s = T(1) / s;
+  Vec vh(0), vq(0), vinv(inv_s), veps(eps);
   i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec p = ((Vec::loadu(x + i) - vm) - vls).exp();
-    vh = vh + p * (p + veps).log();
-    vq = vq + p * p / (p + veps);
+    Vec p = Vec::loadu(eb + i) * vinv;
+    Vec pe = p + veps;
+    vh = vh + p * cpu::fast_log(pe);
+    vq = vq + p * p / pe;
   }
   T h = cpu::vec_hsum(vh), q = cpu::vec_hsum(vq);
   for (; i < n; ++i) {
-    T p = std::exp((x[i] - m) - log_s);
+    T p = eb[i] * inv_s;
     h += p * std::log(p + eps);
     q += p * p / (p + eps);
   }
@@ -75,8 +84,14 @@ inline void entropy_row_backward(const T* x, int64_t n, T eps, const T* stats, T
   Vec vm(m), vls(log_s), vabar(abar), vg(g), one(1), zero(0), veps(eps);
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec logp = (Vec::loadu(x + i) - vm) - vls;
-    Vec p = logp.exp();
-    Vec a = eps == T(0) ? (zero - (logp + one)) : (zero - ((p + veps).log() + p / (p + veps)));
+    Vec p = cpu::fast_exp(logp);
+    Vec a;
+    if (eps == T(0)) {
+      a = zero - (logp + one);
+    } else {
+      Vec pe = p + veps;
+      a = zero - (cpu::fast_log(pe) + p / pe);
+    }
     Vec r = vg * p * (a - vabar);
     r = Vec::blendv(r, zero, p == zero);  // -inf logits get zero gradient, not NaN
     r.store(out + i);
@@ -106,10 +121,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cpu(const at::Tensor& logits,
     scalar_t* hp = entropy.mutable_data_ptr<scalar_t>();
     opmath_t* sp = stats.mutable_data_ptr<opmath_t>();
     at::parallel_for(0, rows, cpu::row_grain(C), [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> buf;
+      std::vector<opmath_t> buf, e_buf;
       for (int64_t r = begin; r < end; ++r) {
         const opmath_t* row = cpu::widen_row<scalar_t, opmath_t>(xp + r * C, C, buf);
-        hp[r] = static_cast<scalar_t>(entropy_row<opmath_t>(row, C, static_cast<opmath_t>(eps), sp + 3 * r));
+        hp[r] = static_cast<scalar_t>(entropy_row<opmath_t>(row, C, static_cast<opmath_t>(eps), sp + 3 * r, e_buf));
       }
     });
   });

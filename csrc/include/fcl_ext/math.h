@@ -50,5 +50,12 @@ C10_HOST_DEVICE inline T sigmoid(T x) {
   return e / (T(1) + e);
 }
 
+// GLFC gradient-compensation weight of one sample: G / mean(G over its group), with w = 1
+// where the group's mean is not positive (the reference code divides by zero there).
+template <typename T>
+C10_HOST_DEVICE inline T gradient_compensation_weight(T g, T group_mean_g) {
+  return group_mean_g > T(0) ? g / group_mean_g : T(1);
+}
+
 }  // namespace math
 }  // namespace fcl_ext

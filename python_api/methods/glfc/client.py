@@ -162,12 +162,15 @@ class GLFCClient:
         h = self.mean_entropy(model)
         self.signal = (h - self.last_entropy) > self.ctx.cfg.client.entropy_threshold
         self.last_entropy = h
-        if self.signal and self.last_class is not None:
-            self.learned_numclass += len(self.last_class)
-            self.learned_classes = self.learned_classes + list(self.last_class)
+        new_classes = self.last_class
+        if new_classes is not None and self.ctx.cfg.client.skip_relearned_classes:
+            new_classes = [c for c in new_classes if c not in self.learned_classes] or None
+        if self.signal and new_classes is not None:
+            self.learned_numclass += len(new_classes)
+            self.learned_classes = self.learned_classes + list(new_classes)
             m = int(self.ctx.cfg.client.memory_size / self.learned_numclass)
             self.exemplar_sets = [e[:m] for e in self.exemplar_sets]
-            for c in self.last_class:
+            for c in new_classes:
                 idx = self.ctx.class_indices[c]
                 feats = self.ctx.features(model, idx, train_mode=False)
                 self.exemplar_sets.append(idx[herding_selection(feats, m).to(idx.device)])

@@ -40,6 +40,8 @@ class ClientConfig:
     lr_milestones: tuple = (100, 150, 180)  # epochs (mod 200 legacy / cumulative in the task for per_task_step)
     lr_divisors: tuple = (5, 25, 125)
     memory_size: int = 2000                 # exemplars per client, split evenly over its learned classes
+    skip_relearned_classes: bool = False    # true: a second signal in a task does not store the same classes
+                                            # again (the reference double-counts them, §4.2-12)
     classes_per_client: int = 6             # the reference's hard-coded 6 (§4.2-4)
     client_class_fraction: Optional[float] = None   # if set: round(fraction·task_size) classes (LGA: 0.6; T=20 runs)
     entropy_threshold: float = 1.2
@@ -61,7 +63,7 @@ class ClientConfig:
 
 @dataclass
 class ProxyConfig:
-    enabled: bool = True
+    enabled: bool = True                    # false: no prototypes, no best old model -> no L_RD (ablation)
     shuffle_pool: bool = False              # shuffle the gradient pool (paper) — the reference does not (§4.2-14)
     steps: int = 250                        # L-BFGS outer steps per gradient
     max_iter: int = 20

@@ -51,7 +51,12 @@ def build_encoder(in_channels: int, image_size: int, num_classes: int, seed: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if _fx_reconstruct is not None:
-            enc = _fx_reconstruct.LeNetEncoder(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+            try:
+                enc = _fx_reconstruct.LeNetEncoder(in_channels=in_channels, image_size=image_size,
+                                                   num_classes=num_classes, seed=seed)
+            except TypeError:
+                enc = _fx_reconstruct.LeNetEncoder(in_channels=in_channels, image_size=image_size,
+                                                   num_classes=num_classes)
         else:
             enc = _FallbackLeNet(in_channels, image_size, num_classes)
     enc = enc.to(device).eval()
@@ -96,10 +101,7 @@ def _fc_weight_slice(encoder, num_params: int):
 def recover(encoder, grads: torch.Tensor) -> torch.Tensor:
     """iDLG: y = argmin_c Σ_j ∂ℓ/∂W_fc[c, j] (only the true row is negative: features are positive)."""
     if _fx_reconstruct is not None and hasattr(_fx_reconstruct, "recover_labels"):
-        try:
-            return _fx_reconstruct.recover_labels(grads, encoder)
-        except TypeError:
-            return _fx_reconstruct.recover_labels(grads)
+        return _fx_reconstruct.recover_labels(grads, encoder)
     start, stop, shape = _fc_weight_slice(encoder, grads.shape[1])
     return grads[:, start:stop].reshape(grads.shape[0], *shape).sum(-1).argmin(-1)
 
@@ -110,8 +112,9 @@ def reconstruct(encoder, grads: torch.Tensor, labels: torch.Tensor, proxy_cfg, i
               history_size=proxy_cfg.history_size, keep_last=proxy_cfg.keep_last)
     if _fx_reconstruct is not None:
         out = _fx_reconstruct.reconstruct_from_gradients(encoder, grads, labels, **kw)
-        iterates, losses = out[0], out[1]
-        return iterates, losses
+        if hasattr(out, "images"):          # ReconstructionResult
+            return out.images, out.losses
+        return out[0], out[1]
     if not _warned:
         warnings.warn("fcl_ext.reconstruct is not in this build: using the slow sequential fallback", stacklevel=2)
         _warned.append(True)
