@@ -388,7 +388,8 @@ def bundled_digit_domains(image_size: int = 16, train_per_domain: int = 100, tes
         rows = (style_of == s).nonzero().flatten()
         public_images[rows] = _digit_styles(base[public_index[rows]], style, generator)
     public = PublicData("bundled", as_uint8(public_images), BUNDLED_MEAN, BUNDLED_STD, crop_padding=2,
-                        hflip=False, rotation_degrees=10.0, crop_size=image_size, notes={"source": "sklearn digits, mixed styles"})
+                        hflip=False, rotation_degrees=10.0, crop_size=image_size,
+                        notes={"source": "sklearn digits, mixed styles"})
     result = []
     for d, style in enumerate(domains):
         chunk = order[public_size + d * per_domain: public_size + (d + 1) * per_domain]

@@ -28,6 +28,9 @@ from python_api.engine.base import Message
 __all__ = ["FCCLParticipant", "loss_functions", "collaborative_target", "build_backbone"]
 
 
+_WARNED_FALLBACK = False
+
+
 def loss_functions(backend: str):
     """(cross_correlation_loss, dual_distillation_loss) from fcl_ext.ops, or the pure-PyTorch twins."""
     import fcl_ext
@@ -37,7 +40,10 @@ def loss_functions(backend: str):
         source = fcl_ext.ops
         if not all(hasattr(source, name) for name in ("cross_correlation_loss", "dual_distillation_loss")):
             import warnings
-            warnings.warn("fcl_ext.ops has no FCCL losses in this build; using fcl_ext.reference", stacklevel=2)
+            global _WARNED_FALLBACK
+            if not _WARNED_FALLBACK:
+                _WARNED_FALLBACK = True
+                warnings.warn("fcl_ext.ops has no FCCL losses in this build; using fcl_ext.reference", stacklevel=2)
             source = fcl_ext.reference
     return source.cross_correlation_loss, source.dual_distillation_loss
 
@@ -144,18 +150,16 @@ class FCCLParticipant:
         return Message(message.kind, handler(**message.payload))
 
     @torch.no_grad()
-    def _on_evaluate(self, model: str = "net", top_k: int = 5) -> dict:
+    def _on_evaluate(self, model: str = "net", top_k: int = 5, batch_size: int = 512) -> dict:
         network = self.frozen if model == "frozen" else self.net
         was_training = network.training
         network.eval()
         top1, topk = {}, {}
         for test in self.test_sets:
             correct1 = correctk = 0
-            x_all = normalise(test.test_images, test.mean, test.std) if test.test_images.dtype == torch.uint8 \
-                else test.test_images
-            for start in range(0, len(test.test_labels), 512):
-                x = x_all[start:start + 512].to(self.device)
-                y = test.test_labels[start:start + 512].to(self.device)
+            for start in range(0, len(test.test_labels), batch_size):   # per batch: SVHN's test set is 26k
+                x = normalise(test.test_images[start:start + batch_size].to(self.device), test.mean, test.std)
+                y = test.test_labels[start:start + batch_size].to(self.device)
                 logits = network(x)
                 k = min(top_k, logits.shape[1])
                 hits = logits.topk(k, dim=1).indices.eq(y[:, None])

@@ -77,7 +77,8 @@ class FCCLServer:
                                pretrain_data=self.pretrain_sets[cid], device=self.device, seed=self.cfg.run.seed)
 
     def _evaluate(self, transport, model: str = "net") -> dict:
-        replies = transport.send([Message("evaluate", {"model": model, "top_k": self.cfg.fccl.top_k}, dst=i)
+        replies = transport.send([Message("evaluate", {"model": model, "top_k": self.cfg.fccl.top_k,
+                                                         "batch_size": self.cfg.data.eval_batch_size}, dst=i)
                                   for i in self.ids], desc=f"evaluate {model}")
         accuracies = [r.payload for r in replies]
         return {"top1": intra_inter(accuracies, "top1"), "topk": intra_inter(accuracies, "topk")}
