@@ -97,10 +97,21 @@ def _fccl_cfg(tmp_path):
     return tiny_config(tmp_path, run={"device": "cpu", "seed": 0, "progress": False, "threads": 1})
 
 
+def _forget_live_clients(message, context):
+    """Act as a fresh ClientApp process for every message, as the deployment runtime starts one per
+    message: clients come back from Context.state, FCCL's in-memory public-logits step is replayed."""
+    from python_api.engine.flower import client_app
+    client_app._RUNTIMES.clear()
+
+
 def test_fccl_simulation_3_nodes_equals_in_process(tmp_path):
+    """FCCL on 3 simulated nodes, every message in a 'fresh process' (state from Context.state only)."""
+    from python_api.engine.flower.client_app import build_client_app
     from python_api.engine.runner import run_training
     a = run_training("fccl", _fccl_cfg(tmp_path), out_dir=tmp_path / "inprocess", verbose=False)
-    b = run_training("fccl", _fccl_cfg(tmp_path), out_dir=tmp_path / "sim", engine="flower-sim", verbose=False)
+    from python_api.engine.flower import run_with_flower
+    b = run_with_flower("fccl", _fccl_cfg(tmp_path), out_dir=tmp_path / "sim", engine="flower-sim", verbose=False,
+                        client_app=build_client_app(_forget_live_clients))
     assert len(b.records) == len(a.records) == 2
     _close(a.records, b.records)
     _close(a.summary["intra"], b.summary["intra"], "intra")
