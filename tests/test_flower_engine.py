@@ -76,13 +76,16 @@ def _glfc_cfg(*extra):
     return tiny_config("run.threads=1", *extra)
 
 
-def test_glfc_simulation_3_nodes_equals_in_process(tmp_path):
+def test_glfc_simulation_3_nodes_equals_in_process_with_resume(tmp_path):
+    """GLFC on 3 simulated nodes: stopped after 2 rounds, resumed (clients' state goes back to the nodes
+    from the checkpoint), the same records as one uninterrupted in-process run."""
     from python_api.engine.runner import run_training
     a = run_training("glfc", _glfc_cfg(), out_dir=tmp_path / "inprocess", verbose=False)
-    t0 = time.perf_counter()
-    b = run_training("glfc", _glfc_cfg(), out_dir=tmp_path / "sim", engine="flower-sim", verbose=False)
-    print(f"glfc flower-sim: {time.perf_counter() - t0:.1f} s")
-    assert len(b.records) == len(a.records) == 4
+    first = run_training("glfc", _glfc_cfg("run.max_rounds=2"), out_dir=tmp_path / "sim", engine="flower-sim",
+                         verbose=False)
+    assert not first.completed and len(first.records) == 2
+    b = run_training("glfc", _glfc_cfg(), out_dir=tmp_path / "sim", resume=True, engine="flower-sim", verbose=False)
+    assert b.completed and len(b.records) == len(a.records) == 4
     _close(a.records, b.records)
     for key in ("accuracy_matrix", "final_accuracy", "average_incremental_accuracy", "forgetting"):
         _close(a.summary[key], b.summary[key], key)

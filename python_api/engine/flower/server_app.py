@@ -38,6 +38,15 @@ def train_on_grid(grid, method_name: str, cfg, out_dir=None, resume: bool = Fals
     from python_api.engine.flower.transport import config_text, discover_nodes
     from python_api.engine.runner import run_training
     options = options or FlowerOptions()
+    if resume:   # the nodes must get the config the runner will use: the saved one (runner.run_training)
+        from python_api.config import load_config
+        from python_api.methods import get_method
+        if out_dir is None:
+            raise ValueError("resume needs the run directory (out)")
+        saved = load_config(get_method(method_name).config_cls, Path(out_dir) / "config.yaml")
+        if cfg is not None:
+            saved.run.max_rounds, saved.run.progress = cfg.run.max_rounds, cfg.run.progress
+        cfg = saved
     # Meet the nodes before the run seeds its RNGs: the runtime's own start-up (Ray, gRPC) may still
     # draw from Python's global `random` until the first reply came back.
     discovered = discover_nodes(grid, method_name, config_text(cfg), options)
