@@ -38,6 +38,38 @@ TORCH_LIBRARY(fcl_ext, m) {
         "Tensor weights, float gc_weight, float rd_weight) -> Tensor");
 
   // ---- fccl losses (issue 4) -----------------------------------------------------
+  // Cross-correlation of per-column batch-standardised a [B, Ka] and b [B, Kb] (B >= 2):
+  // a_hat = (a - mean) * inv_std, inv_std = 1 / sqrt(var + eps), var unbiased (/(B-1)) or biased (/B);
+  // M = a_hat^T b_hat / B. stats_* [2, K] hold (mean, inv_std) in the accumulation dtype. With eps == 0
+  // a zero-variance column is an error (never silent NaN).
+  m.def("cross_correlation_matrix(Tensor a, Tensor b, bool unbiased, float eps) -> "
+        "(Tensor matrix, Tensor stats_a, Tensor stats_b)");
+  // L = sum_u (M_uu - 1)^2 + off_diag_weight * sum_{u != v} (M_uv - off_diag_target)^2 (a, b same shape).
+  // `matrix` is M in the accumulation dtype when keep_matrix (saved for the backward), else empty.
+  m.def("cross_correlation_loss(Tensor a, Tensor b, float off_diag_weight, float off_diag_target, bool unbiased, "
+        "float eps, bool keep_matrix) -> (Tensor loss, Tensor matrix, Tensor stats_a, Tensor stats_b)");
+  // Shared backward. from_loss: `grad` is dL/dloss (0-dim) and `matrix` the saved M; else `grad` is dL/dM.
+  // Gradients not asked for (need_a / need_b false) come back as empty tensors.
+  m.def("_cross_correlation_backward(Tensor grad, Tensor a, Tensor b, Tensor stats_a, Tensor stats_b, "
+        "Tensor matrix, bool unbiased, float off_diag_weight, float off_diag_target, bool from_loss, bool need_a, "
+        "bool need_b) -> (Tensor grad_a, Tensor grad_b)");
+  // FCCL local objective: ce_weight * CE(s, y) + sum over the given teachers of
+  // weight * KL_batchmean(softmax(t / T) || softmax(s / T)); the weights already carry any T^2 factor.
+  // stats [N, 4] per row (accumulation dtype): log-sum-exp of s, of s/T, of t_intra/T, of t_inter/T.
+  m.def("dual_distillation_loss(Tensor logits, Tensor labels, Tensor? intra_logits, Tensor? inter_logits, "
+        "float temperature, float ce_weight, float intra_weight, float inter_weight) -> (Tensor loss, Tensor stats)");
+  m.def("_dual_distillation_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor? intra_logits, "
+        "Tensor? inter_logits, Tensor stats, float temperature, float ce_weight, float intra_weight, "
+        "float inter_weight) -> Tensor");
 
   // ---- gradient matching / lbfgs (issue 5) -------------------------------------
+  // Per-problem gradient matching D(g_k, t_k) over rows of [K, P]: "l2" = sum (g - t)^2,
+  // "cosine" = 1 - <g, t> / (|g| |t|). `stats` [K, 3] (accumulation dtype) holds
+  // (<g,t>, |g|^2, |t|^2) for the cosine backward. No gradient flows to target_grads.
+  m.def("gradient_matching_loss(Tensor grads, Tensor target_grads, str metric) -> (Tensor loss, Tensor stats)");
+  m.def("_gradient_matching_loss_backward(Tensor grad_loss, Tensor grads, Tensor target_grads, Tensor stats, str metric) -> Tensor");
+  // L-BFGS two-loop recursion for K independent problems: d_k = -H_k grad_k. Problem k's
+  // history is s_hist/y_hist [K, M, D], rho [K, M]; its i-th oldest pair (i < hist_len[k])
+  // sits in slot (hist_start[k] + i) % M (hist_start None: slot i). Not differentiable.
+  m.def("lbfgs_direction(Tensor grad, Tensor s_hist, Tensor y_hist, Tensor rho, Tensor hist_len, Tensor h_diag, Tensor? hist_start=None) -> Tensor");
 }

@@ -123,4 +123,148 @@ for _op in ("fcl_ext::glfc_loss", "fcl_ext::_glfc_loss_backward"):
 
 # ---- fccl losses (issue 4) ------------------------------------------------------
 
+@register_fake("fcl_ext::cross_correlation_matrix")
+def _cross_correlation_matrix_fake(a, b, unbiased, eps):
+    acc = opmath_dtype(a.dtype)
+    return (a.new_empty((a.shape[1], b.shape[1])), a.new_empty((2, a.shape[1]), dtype=acc),
+            b.new_empty((2, b.shape[1]), dtype=acc))
+
+
+@register_fake("fcl_ext::cross_correlation_loss")
+def _cross_correlation_loss_fake(a, b, off_diag_weight, off_diag_target, unbiased, eps, keep_matrix):
+    acc = opmath_dtype(a.dtype)
+    matrix = a.new_empty((a.shape[1], b.shape[1]) if keep_matrix else (0,), dtype=acc)
+    return (a.new_empty(()), matrix, a.new_empty((2, a.shape[1]), dtype=acc),
+            b.new_empty((2, b.shape[1]), dtype=acc))
+
+
+@register_fake("fcl_ext::_cross_correlation_backward")
+def _cross_correlation_backward_fake(grad, a, b, stats_a, stats_b, matrix, unbiased, off_diag_weight,
+                                     off_diag_target, from_loss, need_a, need_b):
+    grad_a = torch.empty_like(a, memory_format=torch.contiguous_format) if need_a else a.new_empty((0,))
+    grad_b = torch.empty_like(b, memory_format=torch.contiguous_format) if need_b else b.new_empty((0,))
+    return grad_a, grad_b
+
+
+def _cross_correlation_matrix_setup(ctx, inputs, output):
+    a, b, unbiased, eps = inputs
+    _, stats_a, stats_b = output
+    ctx.save_for_backward(a, b, stats_a, stats_b)
+    ctx.unbiased = unbiased
+
+
+def _cross_correlation_matrix_backward(ctx, grad_matrix, grad_stats_a, grad_stats_b):
+    a, b, stats_a, stats_b = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_a, grad_b = torch.ops.fcl_ext._cross_correlation_backward(
+        grad_matrix, a, b, stats_a, stats_b, stats_a.new_empty((0,)), ctx.unbiased, 0.0, 0.0, False, need_a, need_b)
+    return (grad_a if need_a else None), (grad_b if need_b else None), None, None
+
+
+def _cross_correlation_loss_setup(ctx, inputs, output):
+    a, b, off_diag_weight, off_diag_target, unbiased, eps, keep_matrix = inputs
+    _, matrix, stats_a, stats_b = output
+    ctx.save_for_backward(a, b, stats_a, stats_b, matrix)
+    ctx.args = (unbiased, off_diag_weight, off_diag_target)
+    ctx.keep_matrix = keep_matrix
+
+
+def _cross_correlation_loss_backward(ctx, grad_loss, grad_matrix, grad_stats_a, grad_stats_b):
+    a, b, stats_a, stats_b, matrix = ctx.saved_tensors
+    if not ctx.keep_matrix:
+        raise RuntimeError("fcl_ext: cross_correlation_loss was called with keep_matrix=False, so it cannot be "
+                           "differentiated; call it through fcl_ext.ops.cross_correlation_loss")
+    unbiased, off_diag_weight, off_diag_target = ctx.args
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_a, grad_b = torch.ops.fcl_ext._cross_correlation_backward(
+        grad_loss, a, b, stats_a, stats_b, matrix, unbiased, off_diag_weight, off_diag_target, True, need_a, need_b)
+    return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None, None
+
+
+register_autograd("fcl_ext::cross_correlation_matrix", _cross_correlation_matrix_backward,
+                  setup_context=_cross_correlation_matrix_setup)
+register_autograd("fcl_ext::cross_correlation_loss", _cross_correlation_loss_backward,
+                  setup_context=_cross_correlation_loss_setup)
+_register_backward_op("fcl_ext::_cross_correlation_backward")
+
+
+@register_fake("fcl_ext::dual_distillation_loss")
+def _dual_distillation_loss_fake(logits, labels, intra_logits, inter_logits, temperature, ce_weight, intra_weight,
+                                 inter_weight):
+    return logits.new_empty(()), logits.new_empty((logits.shape[0], 4), dtype=opmath_dtype(logits.dtype))
+
+
+@register_fake("fcl_ext::_dual_distillation_backward")
+def _dual_distillation_backward_fake(grad_loss, logits, labels, intra_logits, inter_logits, stats, temperature,
+                                     ce_weight, intra_weight, inter_weight):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _dual_distillation_setup(ctx, inputs, output):
+    logits, labels, intra_logits, inter_logits = inputs[:4]
+    _, stats = output
+    ctx.save_for_backward(logits, labels, intra_logits, inter_logits, stats)
+    ctx.args = inputs[4:]
+
+
+def _dual_distillation_backward(ctx, grad_loss, grad_stats):
+    logits, labels, intra_logits, inter_logits, stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.fcl_ext._dual_distillation_backward(grad_loss, logits, labels, intra_logits, inter_logits,
+                                                             stats, *ctx.args)
+    # Teachers get no gradient (they are targets), labels are integers.
+    return grad, None, None, None, None, None, None, None
+
+
+register_autograd("fcl_ext::dual_distillation_loss", _dual_distillation_backward,
+                  setup_context=_dual_distillation_setup)
+_register_backward_op("fcl_ext::_dual_distillation_backward")
+for _op in ("fcl_ext::cross_correlation_matrix", "fcl_ext::cross_correlation_loss",
+            "fcl_ext::_cross_correlation_backward", "fcl_ext::dual_distillation_loss",
+            "fcl_ext::_dual_distillation_backward"):
+    _guard_cuda(_op)
+
 # ---- gradient matching / lbfgs (issue 5) ---------------------------------------
+
+@register_fake("fcl_ext::gradient_matching_loss")
+def _gradient_matching_loss_fake(grads, target_grads, metric):
+    loss = grads.new_empty((grads.shape[0],))
+    stats = grads.new_empty((grads.shape[0], 3), dtype=opmath_dtype(grads.dtype))
+    return loss, stats
+
+
+@register_fake("fcl_ext::_gradient_matching_loss_backward")
+def _gradient_matching_loss_backward_fake(grad_loss, grads, target_grads, stats, metric):
+    return torch.empty_like(grads, memory_format=torch.contiguous_format)
+
+
+def _gradient_matching_loss_setup(ctx, inputs, output):
+    grads, target_grads, metric = inputs
+    _, stats = output
+    ctx.save_for_backward(grads, target_grads, stats)
+    ctx.metric = metric
+
+
+def _gradient_matching_loss_backward(ctx, grad_loss, grad_stats):
+    grads, target_grads, stats = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.fcl_ext._gradient_matching_loss_backward(grad_loss, grads, target_grads, stats, ctx.metric)
+    # The target is data (what a client uploaded): no gradient flows to it.
+    return grad, None, None
+
+
+register_autograd("fcl_ext::gradient_matching_loss", _gradient_matching_loss_backward,
+                  setup_context=_gradient_matching_loss_setup)
+_register_backward_op("fcl_ext::_gradient_matching_loss_backward")
+
+
+@register_fake("fcl_ext::lbfgs_direction")
+def _lbfgs_direction_fake(grad, s_hist, y_hist, rho, hist_len, h_diag, hist_start=None):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+for _op in ("fcl_ext::gradient_matching_loss", "fcl_ext::_gradient_matching_loss_backward",
+            "fcl_ext::lbfgs_direction"):
+    _guard_cuda(_op)

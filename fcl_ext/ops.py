@@ -6,7 +6,9 @@ import torch
 from fcl_ext._checks import (check_floating, check_min_dim, check_nonneg, check_reduction, check_same_device,
                              check_tensor, reduce)
 
-__all__ = ["softmax_entropy", "gradient_compensated_bce", "relation_distillation_bce", "glfc_loss"]
+__all__ = ["softmax_entropy", "gradient_compensated_bce", "relation_distillation_bce", "glfc_loss",
+           "cross_correlation_matrix", "cross_correlation_loss", "dual_distillation_loss",
+           "gradient_matching_loss", "lbfgs_direction"]
 
 
 # ---- softmax_entropy ------------------------------------------------------------
@@ -167,4 +169,160 @@ def glfc_loss(logits: torch.Tensor, labels: torch.Tensor, old_class_mask, old_lo
 
 # ---- fccl losses (issue 4) ------------------------------------------------------
 
+def _check_pair(a, b) -> None:
+    check_floating(a, "a")
+    check_floating(b, "b")
+    for x, name in ((a, "a"), (b, "b")):
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, features], got shape {tuple(x.shape)}")
+    check_same_device(a, "a", b, "b")
+    if a.dtype != b.dtype:
+        raise ValueError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must have the same batch size, got {a.shape[0]} and {b.shape[0]}")
+    if a.shape[0] < 2:
+        raise ValueError(f"a must have a batch of at least 2 rows to standardise its columns, got shape "
+                         f"{tuple(a.shape)}")
+
+
+def cross_correlation_matrix(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool = True,
+                             eps: float = 0.0) -> torch.Tensor:
+    """M = a_hat^T b_hat / B, a_hat = (a - mean_B a) / sqrt(var_B a + eps), b_hat likewise.
+
+    a [B, Ka], b [B, Kb], B >= 2; var is unbiased (/(B-1)) or biased (/B). Returns [Ka, Kb].
+    With eps == 0 a column that is constant over the batch raises (it would give NaN).
+    Differentiable in a and b (each only when it requires grad).
+    """
+    _check_pair(a, b)
+    check_nonneg(eps, "eps")
+    matrix, _, _ = torch.ops.fcl_ext.cross_correlation_matrix(a, b, bool(unbiased), float(eps))
+    return matrix
+
+
+def cross_correlation_loss(a: torch.Tensor, b: torch.Tensor, *, off_diag_weight: float = 0.0051,
+                           off_diag_target: float = -1.0, unbiased: bool = True, eps: float = 0.0) -> torch.Tensor:
+    """sum_u (M_uu - 1)^2 + off_diag_weight * sum_{u != v} (M_uv - off_diag_target)^2, M as in
+    cross_correlation_matrix (a and b of the same shape [B, K]).
+
+    Defaults are FCCL's collaborative loss (unbiased std, no eps, off-diagonals pushed to -1; detach b
+    for its target). Barlow Twins: off_diag_target=0, unbiased=False, eps=1e-5.
+    """
+    _check_pair(a, b)
+    if a.shape != b.shape:
+        raise ValueError(f"b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    check_nonneg(eps, "eps")
+    check_nonneg(off_diag_weight, "off_diag_weight")
+    keep_matrix = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    loss, _, _, _ = torch.ops.fcl_ext.cross_correlation_loss(a, b, float(off_diag_weight), float(off_diag_target),
+                                                             bool(unbiased), float(eps), keep_matrix)
+    return loss
+
+
+def dual_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, intra_logits=None, inter_logits=None, *,
+                           temperature: float = 1.0, ce_weight: float = 1.0, intra_weight: float = 1.0,
+                           inter_weight: float = 1.0, temperature_squared: bool = False) -> torch.Tensor:
+    """ce_weight CE(s, y) + intra_weight KL(softmax(t_intra/T) || softmax(s/T))
+    + inter_weight KL(softmax(t_inter/T) || softmax(s/T)), KL batchmean, mean CE.
+
+    Either teacher may be None (its term is dropped); teachers get no gradient.
+    temperature_squared=True multiplies the KL terms by T^2 (Hinton's scaling); FCCL uses T=1 without it.
+    """
+    check_floating(logits, "logits")
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be a non-empty 2-D [N, C] tensor, got shape {tuple(logits.shape)}")
+    check_tensor(labels, "labels")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise ValueError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
+    check_same_device(logits, "logits", labels, "labels")
+    for teacher, name in ((intra_logits, "intra_logits"), (inter_logits, "inter_logits")):
+        if teacher is None:
+            continue
+        check_floating(teacher, name)
+        if teacher.shape != logits.shape:
+            raise ValueError(f"{name} must have the shape of logits {tuple(logits.shape)}, got {tuple(teacher.shape)}")
+        check_same_device(logits, "logits", teacher, name)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for value, name in ((ce_weight, "ce_weight"), (intra_weight, "intra_weight"), (inter_weight, "inter_weight")):
+        check_nonneg(value, name)
+    scale = float(temperature) ** 2 if temperature_squared else 1.0
+    teachers = [None if t is None else t.detach().to(logits.dtype) for t in (intra_logits, inter_logits)]
+    loss, _ = torch.ops.fcl_ext.dual_distillation_loss(logits, labels.long(), teachers[0], teachers[1],
+                                                       float(temperature), float(ce_weight),
+                                                       float(intra_weight) * scale, float(inter_weight) * scale)
+    return loss
+
 # ---- gradient matching / lbfgs (issue 5) ---------------------------------------
+from fcl_ext._checks import check_same_device  # noqa: E402
+
+MATCHING_METRICS = ("l2", "cosine")
+
+
+def gradient_matching_loss(grads: torch.Tensor, target_grads: torch.Tensor, *, metric: str = "l2") -> torch.Tensor:
+    """Per-problem gradient-matching distance between rows of [K, P] tensors -> [K].
+
+    metric "l2":     sum_p (g - g*)^2 (GLFC's proxy-server objective).
+    metric "cosine": 1 - <g, g*> / (|g| |g*|) (1 with zero gradient where a norm is 0).
+    Differentiable w.r.t. `grads` (twice-differentiable graphs upstream of `grads` are
+    fine: the op's own backward is first order); `target_grads` gets no gradient.
+    """
+    check_floating(grads, "grads")
+    check_floating(target_grads, "target_grads")
+    if grads.dim() != 2:
+        raise ValueError(f"grads must be 2-D [K, P], got shape {tuple(grads.shape)}")
+    if target_grads.shape != grads.shape:
+        raise ValueError(f"target_grads must have the shape of grads {tuple(grads.shape)}, "
+                         f"got {tuple(target_grads.shape)}")
+    if target_grads.dtype != grads.dtype:
+        raise ValueError(f"target_grads must have the dtype of grads ({grads.dtype}), got {target_grads.dtype}")
+    check_same_device(grads, "grads", target_grads, "target_grads")
+    if metric not in MATCHING_METRICS:
+        raise ValueError(f"metric must be one of {MATCHING_METRICS}, got {metric!r}")
+    loss, _ = torch.ops.fcl_ext.gradient_matching_loss(grads, target_grads.detach(), metric)
+    return loss
+
+
+def lbfgs_direction(grad: torch.Tensor, s_hist: torch.Tensor, y_hist: torch.Tensor, rho: torch.Tensor,
+                    hist_len: torch.Tensor, h_diag: torch.Tensor, *, hist_start=None) -> torch.Tensor:
+    """L-BFGS two-loop recursion for K independent problems -> the descent directions [K, D].
+
+    d_k = -H_k grad_k, computed exactly as torch.optim.LBFGS does for one problem
+    (q = -g; newest -> oldest: a_i = rho_i <s_i, q>, q -= a_i y_i; r = h_diag q;
+    oldest -> newest: b_i = rho_i <y_i, r>, r += (a_i - b_i) s_i).
+
+    Layout: s_hist, y_hist [K, M, D] and rho [K, M] (rho_i = 1 / <y_i, s_i>) hold up to M
+    pairs per problem; hist_len [K] (int64) says how many are valid. The i-th OLDEST pair
+    of problem k (0 <= i < hist_len[k]) is in slot (hist_start[k] + i) % M: a ring buffer,
+    so appending to a full history overwrites the oldest slot instead of shifting M D
+    values. hist_start=None means slot i (oldest -> newest from slot 0). h_diag [K] is the
+    initial inverse-Hessian scale (1 before the first accepted pair). No gradient.
+    """
+    check_floating(grad, "grad")
+    if grad.dim() != 2:
+        raise ValueError(f"grad must be 2-D [K, D], got shape {tuple(grad.shape)}")
+    k, d = grad.shape
+    if s_hist.dim() != 3 or s_hist.shape[0] != k or s_hist.shape[2] != d:
+        raise ValueError(f"s_hist must be [K, M, D] with K={k}, D={d}, got shape {tuple(s_hist.shape)}")
+    if y_hist.shape != s_hist.shape:
+        raise ValueError(f"y_hist must have the shape of s_hist {tuple(s_hist.shape)}, got {tuple(y_hist.shape)}")
+    m = s_hist.shape[1]
+    if rho.shape != (k, m):
+        raise ValueError(f"rho must be [K, M] = [{k}, {m}], got shape {tuple(rho.shape)}")
+    if h_diag.shape != (k,):
+        raise ValueError(f"h_diag must be [K] = [{k}], got shape {tuple(h_diag.shape)}")
+    for name, t in (("s_hist", s_hist), ("y_hist", y_hist), ("rho", rho), ("h_diag", h_diag)):
+        if t.dtype != grad.dtype:
+            raise ValueError(f"{name} must have the dtype of grad ({grad.dtype}), got {t.dtype}")
+        check_same_device(grad, "grad", t, name)
+    for name, t in (("hist_len", hist_len), ("hist_start", hist_start)):
+        if t is None:
+            continue
+        if t.dtype != torch.int64 or t.shape != (k,):
+            raise ValueError(f"{name} must be an int64 tensor [K] = [{k}], got {t.dtype} {tuple(t.shape)}")
+        check_same_device(grad, "grad", t, name)
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"grad must be float32 or float64 (the history needs the precision), got {grad.dtype}")
+    with torch.no_grad():
+        return torch.ops.fcl_ext.lbfgs_direction(grad, s_hist, y_hist, rho, hist_len, h_diag, hist_start)

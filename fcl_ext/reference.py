@@ -12,6 +12,7 @@ __all__ = [
     "softmax_entropy",
     "gradient_compensation_weights", "gradient_compensated_bce", "relation_distillation_bce", "glfc_loss",
     "cross_correlation_matrix", "cross_correlation_loss", "dual_distillation_loss",
+    "gradient_matching_loss", "lbfgs_direction",
 ]
 
 
@@ -134,3 +135,41 @@ def dual_distillation_loss(logits, labels, intra_logits=None, inter_logits=None,
     return loss
 
 # ---- gradient matching / lbfgs (issue 5) ---------------------------------------
+# Batched gradient-matching reconstruction (specs/glfc.md 1.7): the matching distance and
+# torch.optim.LBFGS's two-loop recursion, per problem, in plain PyTorch.
+
+def gradient_matching_loss(grads, target_grads, *, metric="l2"):
+    """[K] distances between rows: l2 = sum (g - g*)^2; cosine = 1 - <g,g*>/(|g||g*|) (1 where a norm is 0)."""
+    target = target_grads.detach()
+    acc = torch.float32 if grads.dtype in (torch.float16, torch.bfloat16) else grads.dtype
+    g, t = grads.to(acc), target.to(acc)
+    if metric == "l2":
+        out = (g - t).pow(2).sum(1)
+    elif metric == "cosine":
+        den = g.norm(dim=1) * t.norm(dim=1)
+        ok = den > 0
+        out = torch.where(ok, 1 - (g * t).sum(1) / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
+    else:
+        raise ValueError(f"metric must be one of ('l2', 'cosine'), got {metric!r}")
+    return out.to(grads.dtype)
+
+
+def lbfgs_direction(grad, s_hist, y_hist, rho, hist_len, h_diag, *, hist_start=None):
+    """d_k = -H_k grad_k by the two-loop recursion, one problem at a time (layout: fcl_ext.ops)."""
+    k_count, _, m = grad.shape[0], grad.shape[1], s_hist.shape[1]
+    out = torch.empty_like(grad)
+    for k in range(k_count):
+        n = int(hist_len[k])
+        first = 0 if hist_start is None else int(hist_start[k])
+        slots = [(first + i) % m for i in range(n)]
+        q = grad[k].neg()
+        alpha = [None] * n
+        for i in range(n - 1, -1, -1):
+            alpha[i] = s_hist[k, slots[i]].dot(q) * rho[k, slots[i]]
+            q.add_(y_hist[k, slots[i]], alpha=-alpha[i])
+        r = torch.mul(q, h_diag[k])
+        for i in range(n):
+            beta = y_hist[k, slots[i]].dot(r) * rho[k, slots[i]]
+            r.add_(s_hist[k, slots[i]], alpha=alpha[i] - beta)
+        out[k] = r
+    return out

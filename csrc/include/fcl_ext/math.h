@@ -57,5 +57,53 @@ C10_HOST_DEVICE inline T gradient_compensation_weight(T g, T group_mean_g) {
   return group_mean_g > T(0) ? g / group_mean_g : T(1);
 }
 
+// Gradient matching, cosine metric, from per-row sums dot = <g, t>, gg = |g|^2, tt = |t|^2:
+//   loss = 1 - dot / (|g| |t|);   dloss/dg_p = a * g_p - b * t_p,
+//   a = dot / (|g|^3 |t|),  b = 1 / (|g| |t|).
+// A row with |g| |t| == 0 has loss 1 and gradient 0 (the cosine is undefined there).
+template <typename T>
+C10_HOST_DEVICE inline T cosine_matching_loss(T dot, T gg, T tt) {
+  const T den = ::sqrt(gg) * ::sqrt(tt);
+  return den > T(0) ? T(1) - dot / den : T(1);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline void cosine_matching_grad_coeffs(T dot, T gg, T tt, T* a, T* b) {
+  const T den = ::sqrt(gg) * ::sqrt(tt);
+  if (den > T(0)) {
+    *b = T(1) / den;
+    *a = dot / (gg * den);
+  } else {
+    *a = T(0);
+    *b = T(0);
+  }
+}
+
+// ---- fccl losses (issue 4) ----
+// One entry of the cross-correlation loss: (m - 1)^2 on the diagonal, w (m - tau)^2 off it.
+template <typename T>
+C10_HOST_DEVICE inline T cross_corr_term(T m, bool on_diag, T off_weight, T off_target) {
+  return on_diag ? (m - T(1)) * (m - T(1)) : off_weight * (m - off_target) * (m - off_target);
+}
+
+// Its derivative dL/dM_uv: 2 (m - 1) on the diagonal, 2 w (m - tau) off it.
+template <typename T>
+C10_HOST_DEVICE inline T cross_corr_dterm(T m, bool on_diag, T off_weight, T off_target) {
+  return on_diag ? T(2) * (m - T(1)) : T(2) * off_weight * (m - off_target);
+}
+
+// Back through x_hat = (x - mean) * inv_std over a column of n values, var = sum (x - mean)^2 / n_var:
+// dx = inv_std * (g - mean(g) - x_hat * sum(g x_hat) / n_var).
+template <typename T>
+C10_HOST_DEVICE inline T standardise_backward(T g, T g_mean, T x_hat, T g_dot_xhat, T inv_std, T n_var) {
+  return inv_std * (g - g_mean - x_hat * g_dot_xhat / n_var);
+}
+
+// e * (t - s) for a teacher weight e = exp((t - max) / T); a -inf teacher logit (e == 0) adds nothing.
+template <typename T>
+C10_HOST_DEVICE inline T kd_weighted_gap(T e, T t, T s) {
+  return e == T(0) ? T(0) : e * (t - s);
+}
+
 }  // namespace math
 }  // namespace fcl_ext

@@ -1,0 +1,270 @@
+// Gradient matching loss and the batched L-BFGS two-loop recursion on the CPU.
+//
+// gradient_matching_loss: one row per problem (rows in parallel), SIMD sums in the
+// accumulation type. stats [K, 3] = (dot <g,t>, |g|^2, |t|^2) for "cosine"; for "l2"
+// only column 0 is used (the loss itself), the backward needs no statistic.
+//
+// lbfgs_direction: problems in parallel; each runs torch.optim.LBFGS's two-loop
+// recursion over its own history (ring buffer, see fcl_ext/ops.py for the layout).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "fcl_ext/checks.h"
+#include "fcl_ext/cpu_rows.h"
+#include "fcl_ext/math.h"
+
+namespace fcl_ext {
+namespace {
+
+using at::vec::Vectorized;
+
+int64_t metric_code(std::string_view metric) {
+  if (metric == "l2") return 0;
+  if (metric == "cosine") return 1;
+  TORCH_CHECK(false, "fcl_ext: metric must be 'l2' or 'cosine', got '", std::string(metric), "'");
+}
+
+void check_matching_args(const at::Tensor& grads, const at::Tensor& target) {
+  check_floating(grads, "grads");
+  check_dim(grads, 2, "grads");
+  check_same_device(grads, "grads", target, "target_grads");
+  TORCH_CHECK(target.sizes() == grads.sizes(), "fcl_ext: target_grads must have the shape of grads ",
+              grads.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == grads.scalar_type(), "fcl_ext: target_grads must have the dtype of grads (",
+              grads.scalar_type(), "), got ", target.scalar_type());
+}
+
+// Row sums: l2 -> (sum (g-t)^2, -, -); cosine -> (sum g t, sum g^2, sum t^2).
+template <typename T>
+inline void matching_row_sums(const T* g, const T* t, int64_t n, bool cosine, T* out) {
+  using Vec = Vectorized<T>;
+  Vec va(0), vb(0), vc(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec vg = Vec::loadu(g + i), vt = Vec::loadu(t + i);
+    if (cosine) {
+      va = at::vec::fmadd(vg, vt, va);
+      vb = at::vec::fmadd(vg, vg, vb);
+      vc = at::vec::fmadd(vt, vt, vc);
+    } else {
+      Vec d = vg - vt;
+      va = at::vec::fmadd(d, d, va);
+    }
+  }
+  T a = cpu::vec_hsum(va), b = cpu::vec_hsum(vb), c = cpu::vec_hsum(vc);
+  for (; i < n; ++i) {
+    if (cosine) {
+      a += g[i] * t[i];
+      b += g[i] * g[i];
+      c += t[i] * t[i];
+    } else {
+      T d = g[i] - t[i];
+      a += d * d;
+    }
+  }
+  out[0] = a;
+  out[1] = b;
+  out[2] = c;
+}
+
+std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& grads, const at::Tensor& target_grads,
+                                                              std::string_view metric) {
+  check_matching_args(grads, target_grads);
+  const bool cosine = metric_code(metric) == 1;
+  const auto g = grads.contiguous();
+  const auto t = target_grads.contiguous();
+  const int64_t K = g.size(0), P = g.size(1);
+  auto loss = at::empty({K}, g.options());
+  auto stats = at::zeros({K, 3}, g.options().dtype(at::toOpMathType(g.scalar_type())));
+  if (K == 0) return {loss, stats};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_matching_loss_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    scalar_t* lp = loss.mutable_data_ptr<scalar_t>();
+    opmath_t* sp = stats.mutable_data_ptr<opmath_t>();
+    at::parallel_for(0, K, cpu::row_grain(P), [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> gbuf, tbuf;
+      for (int64_t k = begin; k < end; ++k) {
+        const opmath_t* gr = cpu::widen_row<scalar_t, opmath_t>(gp + k * P, P, gbuf);
+        const opmath_t* tr = cpu::widen_row<scalar_t, opmath_t>(tp + k * P, P, tbuf);
+        opmath_t* st = sp + 3 * k;
+        matching_row_sums<opmath_t>(gr, tr, P, cosine, st);
+        lp[k] = static_cast<scalar_t>(cosine ? math::cosine_matching_loss(st[0], st[1], st[2]) : st[0]);
+      }
+    });
+  });
+  return {loss, stats};
+}
+
+at::Tensor gradient_matching_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grads,
+                                               const at::Tensor& target_grads, const at::Tensor& stats,
+                                               std::string_view metric) {
+  check_matching_args(grads, target_grads);
+  const bool cosine = metric_code(metric) == 1;
+  const auto g = grads.contiguous();
+  const auto t = target_grads.contiguous();
+  const auto go = grad_loss.contiguous();
+  const auto st = stats.contiguous();
+  const int64_t K = g.size(0), P = g.size(1);
+  auto out = at::empty_like(g);
+  if (g.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_matching_loss_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<opmath_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    const scalar_t* gop = go.const_data_ptr<scalar_t>();
+    const opmath_t* sp = st.const_data_ptr<opmath_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, K, cpu::row_grain(P), [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> gbuf, tbuf, obuf(std::is_same_v<scalar_t, opmath_t> ? 0 : P);
+      for (int64_t k = begin; k < end; ++k) {
+        const opmath_t* gr = cpu::widen_row<scalar_t, opmath_t>(gp + k * P, P, gbuf);
+        const opmath_t* tr = cpu::widen_row<scalar_t, opmath_t>(tp + k * P, P, tbuf);
+        opmath_t* dst = cpu::narrow_target<scalar_t, opmath_t>(op + k * P, obuf);
+        const opmath_t up = static_cast<opmath_t>(gop[k]);
+        // d/dg of the row loss is a * g - b * t: l2 -> a = b = 2; cosine -> math.h coefficients.
+        opmath_t a = 2, b = 2;
+        if (cosine) math::cosine_matching_grad_coeffs(sp[3 * k], sp[3 * k + 1], sp[3 * k + 2], &a, &b);
+        a *= up;
+        b *= up;
+        const Vec va(a), vb(b);
+        int64_t i = 0;
+        for (; i + Vec::size() <= P; i += Vec::size()) {
+          (va * Vec::loadu(gr + i) - vb * Vec::loadu(tr + i)).store(dst + i);
+        }
+        for (; i < P; ++i) dst[i] = a * gr[i] - b * tr[i];
+        cpu::narrow_row<scalar_t, opmath_t>(dst, P, op + k * P);
+      }
+    });
+  });
+  return out;
+}
+
+// ---- lbfgs_direction --------------------------------------------------------------
+
+template <typename T>
+inline T vec_dot(const T* a, const T* b, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec acc(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  T s = cpu::vec_hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// x += alpha * v
+template <typename T>
+inline void vec_axpy(T* x, T alpha, const T* v, int64_t n) {
+  using Vec = Vectorized<T>;
+  const Vec va(alpha);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) at::vec::fmadd(va, Vec::loadu(v + i), Vec::loadu(x + i)).store(x + i);
+  for (; i < n; ++i) x[i] += alpha * v[i];
+}
+
+void check_lbfgs_args(const at::Tensor& grad, const at::Tensor& s_hist, const at::Tensor& y_hist,
+                      const at::Tensor& rho, const at::Tensor& hist_len, const at::Tensor& h_diag,
+                      const std::optional<at::Tensor>& hist_start) {
+  check_floating(grad, "grad");
+  check_dim(grad, 2, "grad");
+  check_dim(s_hist, 3, "s_hist");
+  const int64_t K = grad.size(0), D = grad.size(1), M = s_hist.size(1);
+  TORCH_CHECK(s_hist.size(0) == K && s_hist.size(2) == D, "fcl_ext: s_hist must be [K, M, D] = [", K, ", M, ", D,
+              "], got ", s_hist.sizes());
+  TORCH_CHECK(y_hist.sizes() == s_hist.sizes(), "fcl_ext: y_hist must have the shape of s_hist ", s_hist.sizes(),
+              ", got ", y_hist.sizes());
+  TORCH_CHECK(rho.dim() == 2 && rho.size(0) == K && rho.size(1) == M, "fcl_ext: rho must be [K, M] = [", K, ", ",
+              M, "], got ", rho.sizes());
+  TORCH_CHECK(hist_len.dim() == 1 && hist_len.size(0) == K && hist_len.scalar_type() == at::kLong,
+              "fcl_ext: hist_len must be an int64 tensor [K] = [", K, "], got ", hist_len.scalar_type(), " ",
+              hist_len.sizes());
+  TORCH_CHECK(h_diag.dim() == 1 && h_diag.size(0) == K, "fcl_ext: h_diag must be [K] = [", K, "], got ",
+              h_diag.sizes());
+  for (const auto* t : {&s_hist, &y_hist, &rho, &h_diag}) {
+    TORCH_CHECK(t->scalar_type() == grad.scalar_type(), "fcl_ext: s_hist, y_hist, rho and h_diag must have the dtype of grad (",
+                grad.scalar_type(), "), got ", t->scalar_type());
+  }
+  for (const auto* t : {&s_hist, &y_hist, &rho, &hist_len, &h_diag}) check_same_device(grad, "grad", *t, "history");
+  if (hist_start.has_value()) {
+    const auto& hs = *hist_start;
+    TORCH_CHECK(hs.dim() == 1 && hs.size(0) == K && hs.scalar_type() == at::kLong,
+                "fcl_ext: hist_start must be an int64 tensor [K] = [", K, "], got ", hs.scalar_type(), " ", hs.sizes());
+    check_same_device(grad, "grad", hs, "hist_start");
+  }
+}
+
+at::Tensor lbfgs_direction_cpu(const at::Tensor& grad, const at::Tensor& s_hist, const at::Tensor& y_hist,
+                               const at::Tensor& rho, const at::Tensor& hist_len, const at::Tensor& h_diag,
+                               const std::optional<at::Tensor>& hist_start) {
+  check_lbfgs_args(grad, s_hist, y_hist, rho, hist_len, h_diag, hist_start);
+  const int64_t K = grad.size(0), D = grad.size(1), M = s_hist.size(1);
+  const auto g = grad.contiguous();
+  const auto S = s_hist.contiguous();
+  const auto Y = y_hist.contiguous();
+  const auto R = rho.contiguous();
+  const auto L = hist_len.contiguous();
+  const auto H = h_diag.contiguous();
+  const auto start = hist_start.has_value() ? hist_start->contiguous() : at::zeros({K}, L.options());
+  auto d = at::empty_like(g);
+  if (K == 0) return d;
+  const int64_t* lp = L.const_data_ptr<int64_t>();
+  const int64_t* stp = start.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(lp[k] >= 0 && lp[k] <= M, "fcl_ext: hist_len[", k, "] = ", lp[k], " is outside [0, ", M, "]");
+    TORCH_CHECK(lp[k] == 0 || (stp[k] >= 0 && stp[k] < M), "fcl_ext: hist_start[", k, "] = ", stp[k],
+                " is outside [0, ", M, ")");
+  }
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lbfgs_direction_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* sp = S.const_data_ptr<scalar_t>();
+    const scalar_t* yp = Y.const_data_ptr<scalar_t>();
+    const scalar_t* rp = R.const_data_ptr<scalar_t>();
+    const scalar_t* hp = H.const_data_ptr<scalar_t>();
+    scalar_t* dp = d.mutable_data_ptr<scalar_t>();
+    // One problem per task: the history (2 M D values) is what each task streams through.
+    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> alpha(M);
+      for (int64_t k = begin; k < end; ++k) {
+        scalar_t* q = dp + k * D;
+        const scalar_t* gk = gp + k * D;
+        for (int64_t i = 0; i < D; ++i) q[i] = -gk[i];
+        const int64_t len = lp[k], first = stp[k];
+        auto slot = [&](int64_t i) { return (first + i) % M; };  // i-th oldest pair
+        // newest -> oldest: alpha_i = rho_i <s_i, q>, q -= alpha_i y_i
+        for (int64_t i = len - 1; i >= 0; --i) {
+          const int64_t j = slot(i);
+          const scalar_t* s = sp + (k * M + j) * D;
+          const scalar_t* y = yp + (k * M + j) * D;
+          alpha[i] = vec_dot(s, q, D) * rp[k * M + j];
+          vec_axpy(q, -alpha[i], y, D);
+        }
+        // r = H_diag q, then oldest -> newest: beta_i = rho_i <y_i, r>, r += (alpha_i - beta_i) s_i
+        const scalar_t h = hp[k];
+        for (int64_t i = 0; i < D; ++i) q[i] *= h;
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t j = slot(i);
+          const scalar_t* s = sp + (k * M + j) * D;
+          const scalar_t* y = yp + (k * M + j) * D;
+          const scalar_t beta = vec_dot(y, q, D) * rp[k * M + j];
+          vec_axpy(q, alpha[i] - beta, s, D);
+        }
+      }
+    });
+  });
+  return d;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fcl_ext, CPU, m) {
+  m.impl("gradient_matching_loss", &gradient_matching_loss_cpu);
+  m.impl("_gradient_matching_loss_backward", &gradient_matching_loss_backward_cpu);
+  m.impl("lbfgs_direction", &lbfgs_direction_cpu);
+}
+
+}  // namespace fcl_ext

@@ -1,0 +1,517 @@
+// Cross-correlation (FCCL / Barlow Twins) on CUDA, same math as csrc/cpu/cross_correlation.cpp.
+//
+// Small K (FCCL: 10-65 classes): the whole forward is one launch of one block: column statistics
+// (shifted sums, one pass), every M_uv as a dot over the batch of the standardised columns, and the loss.
+// The small-K backward is one launch too (one block per column of grad_a / grad_b).
+// Large K (Barlow Twins projectors): column statistics kernel, standardisation kernel, cuBLAS GEMM for
+// a_hat^T b_hat (the only K x K buffer), then the loss epilogue as one reduction kernel plus a one-block
+// finish. Backward: dL/dM is affine in M, so dL/da_hat is one GEMM with the saved M; one column kernel
+// then goes back through the standardisation.
+// With eps == 0 a zero-variance column is detected on the device and raised on the host (one small
+// device-to-host copy; eps > 0 skips it and never synchronises).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "fcl_ext/checks.h"
+#include "fcl_ext/cuda_utils.cuh"
+#include "fcl_ext/math.h"
+
+namespace fcl_ext {
+namespace {
+
+constexpr int kColsPerBlock = 32;  // threadIdx.x: one column each (coalesced row segments)
+constexpr int kRowLanes = 8;       // threadIdx.y: rows strided across these lanes
+constexpr int kFusedThreads = 1024;
+constexpr int64_t kFusedMaxK = 128;
+constexpr int64_t kFusedMaxWork = int64_t(1) << 22;  // B * Ka * Kb multiply-adds for one block
+
+template <typename scalar_t, typename acc_t>
+__global__ void column_stats_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t K, acc_t n_var, acc_t eps,
+                                    acc_t* __restrict__ mean, acc_t* __restrict__ inv_std) {
+  __shared__ acc_t s1_sh[kRowLanes][kColsPerBlock], s2_sh[kRowLanes][kColsPerBlock];
+  const int64_t col = int64_t(blockIdx.x) * kColsPerBlock + threadIdx.x;
+  acc_t s1 = 0, s2 = 0, shift = 0;
+  if (col < K) {
+    shift = static_cast<acc_t>(x[col]);
+    for (int64_t i = threadIdx.y; i < B; i += kRowLanes) {
+      const acc_t d = static_cast<acc_t>(x[i * K + col]) - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+  }
+  s1_sh[threadIdx.y][threadIdx.x] = s1;
+  s2_sh[threadIdx.y][threadIdx.x] = s2;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < K) {
+    for (int r = 1; r < kRowLanes; ++r) {
+      s1 += s1_sh[r][threadIdx.x];
+      s2 += s2_sh[r][threadIdx.x];
+    }
+    acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
+    var = var > acc_t(0) ? var : acc_t(0);
+    mean[col] = shift + s1 / acc_t(B);
+    inv_std[col] = acc_t(1) / ::sqrt(var + eps);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void standardise_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t K,
+                                   const acc_t* __restrict__ stats, acc_t scale, acc_t* __restrict__ out) {
+  const int64_t n = B * K;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = e % K;
+    out[e] = (static_cast<acc_t>(x[e]) - stats[j]) * stats[K + j] * scale;
+  }
+}
+
+// One block of kFusedThreads (launch bounds keep registers within a 1024-thread block): statistics of a
+// and b, then M (written when matrix != nullptr) and the loss.
+template <typename scalar_t, typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kFusedThreads)
+    fused_small_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t B, int64_t Ka,
+                       int64_t Kb, acc_t n_var, acc_t eps, acc_t w, acc_t tau, out_t* __restrict__ matrix,
+                       scalar_t* __restrict__ loss, acc_t* __restrict__ stats_a, acc_t* __restrict__ stats_b,
+                       int* __restrict__ bad_column) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);  // mean_a[Ka], inv_a[Ka], mean_b[Kb], inv_b[Kb]
+  __shared__ acc_t red[32];
+  const int lane = threadIdx.x % cuda::kWarp, warp = threadIdx.x / cuda::kWarp;
+  const int nwarps = blockDim.x / cuda::kWarp;
+  for (int64_t c = warp; c < Ka + Kb; c += nwarps) {
+    const bool is_a = c < Ka;
+    const int64_t col = is_a ? c : c - Ka, K = is_a ? Ka : Kb;
+    const scalar_t* x = is_a ? a : b;
+    const acc_t shift = static_cast<acc_t>(x[col]);
+    acc_t s1 = 0, s2 = 0;
+    for (int64_t i = lane; i < B; i += cuda::kWarp) {
+      const acc_t d = static_cast<acc_t>(x[i * K + col]) - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+    s1 = cuda::warp_sum(s1);
+    s2 = cuda::warp_sum(s2);
+    if (lane == 0) {
+      acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
+      var = var > acc_t(0) ? var : acc_t(0);
+      const acc_t mu = shift + s1 / acc_t(B), inv = acc_t(1) / ::sqrt(var + eps);
+      acc_t* st = is_a ? stats_a : stats_b;
+      st[col] = mu;
+      st[K + col] = inv;
+      acc_t* s = is_a ? sh : sh + 2 * Ka;
+      s[col] = mu;
+      s[K + col] = inv;
+    }
+  }
+  __syncthreads();
+  const acc_t *mean_a = sh, *inv_a = sh + Ka, *mean_b = sh + 2 * Ka, *inv_b = sh + 2 * Ka + Kb;
+  if (threadIdx.x == 0) {
+    int bad = -1;
+    for (int64_t c = 0; c < Ka + Kb && bad < 0; ++c) {
+      const acc_t inv = c < Ka ? inv_a[c] : inv_b[c - Ka];
+      if (!(inv < std::numeric_limits<acc_t>::infinity())) bad = static_cast<int>(c);
+    }
+    *bad_column = bad;
+  }
+  acc_t partial = 0;
+  const acc_t inv_batch = acc_t(1) / acc_t(B);
+  for (int64_t e = threadIdx.x; e < Ka * Kb; e += blockDim.x) {
+    const int64_t u = e / Kb, v = e % Kb;
+    const acc_t mu_a = mean_a[u], mu_b = mean_b[v];
+    acc_t dot = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      dot += (static_cast<acc_t>(a[i * Ka + u]) - mu_a) * (static_cast<acc_t>(b[i * Kb + v]) - mu_b);
+    }
+    const acc_t m = dot * inv_a[u] * inv_b[v] * inv_batch;
+    if (matrix != nullptr) matrix[e] = static_cast<out_t>(m);
+    partial += math::cross_corr_term(m, u == v, w, tau);
+  }
+  partial = cuda::block_sum(partial, red);
+  if (loss != nullptr && threadIdx.x == 0) *loss = static_cast<scalar_t>(partial);
+}
+
+template <typename acc_t>
+__global__ void loss_partial_kernel(const acc_t* __restrict__ m, int64_t K, acc_t w, acc_t tau,
+                                    acc_t* __restrict__ partials) {
+  __shared__ acc_t red[32];
+  acc_t s = 0;
+  const int64_t n = K * K;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    s += math::cross_corr_term(m[e], e % (K + 1) == 0, w, tau);  // the diagonal is every (K+1)-th entry
+  }
+  s = cuda::block_sum(s, red);
+  if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void finish_sum_kernel(const acc_t* __restrict__ partials, int n, scalar_t* __restrict__ out) {
+  __shared__ acc_t red[32];
+  acc_t s = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += partials[i];
+  s = cuda::block_sum(s, red);
+  if (threadIdx.x == 0) *out = static_cast<scalar_t>(s);
+}
+
+// dx[:, u] = grad_scale * inv_std_u (g_u - mean(g_u) - x_hat_u sum(g_u x_hat_u) / n_var),
+// g_iu = alpha P_iu + beta row_i + diag_u other_hat_iu (row / diag may be null).
+template <typename scalar_t, typename acc_t>
+__global__ void backward_cols_kernel(const acc_t* __restrict__ P, acc_t alpha, const acc_t* __restrict__ row,
+                                     acc_t beta, const acc_t* __restrict__ diag, const acc_t* __restrict__ other_hat,
+                                     const acc_t* __restrict__ hat, const acc_t* __restrict__ inv_std,
+                                     const acc_t* __restrict__ grad_scale, int64_t B, int64_t K, acc_t n_var,
+                                     scalar_t* __restrict__ out) {
+  __shared__ acc_t g_sh[kRowLanes][kColsPerBlock], gx_sh[kRowLanes][kColsPerBlock];
+  const int64_t u = int64_t(blockIdx.x) * kColsPerBlock + threadIdx.x;
+  const bool active = u < K;
+  const acc_t d = (active && diag != nullptr) ? diag[u] : acc_t(0);
+  auto g_at = [&](int64_t i) {
+    acc_t g = alpha * P[i * K + u];
+    if (row != nullptr) g += beta * row[i];
+    if (diag != nullptr) g += d * other_hat[i * K + u];
+    return g;
+  };
+  acc_t gs = 0, gx = 0;
+  if (active) {
+    for (int64_t i = threadIdx.y; i < B; i += kRowLanes) {
+      const acc_t g = g_at(i);
+      gs += g;
+      gx += g * hat[i * K + u];
+    }
+  }
+  g_sh[threadIdx.y][threadIdx.x] = gs;
+  gx_sh[threadIdx.y][threadIdx.x] = gx;
+  __syncthreads();
+  gs = 0;
+  gx = 0;
+  for (int r = 0; r < kRowLanes; ++r) {
+    gs += g_sh[r][threadIdx.x];
+    gx += gx_sh[r][threadIdx.x];
+  }
+  if (!active) return;
+  const acc_t g_mean = gs / acc_t(B), scale = grad_scale != nullptr ? *grad_scale : acc_t(1), r = inv_std[u];
+  for (int64_t i = threadIdx.y; i < B; i += kRowLanes) {
+    out[i * K + u] = static_cast<scalar_t>(scale * math::standardise_backward(g_at(i), g_mean, hat[i * K + u], gx, r,
+                                                                               n_var));
+  }
+}
+
+// Small-K backward in one launch: block c < Ka is column c of grad_a, block Ka + c column c of grad_b.
+// g_iu = sum_v other_hat_iv dL/dM(u, v) / B (v over the other input's columns; for grad_b, M^T), with
+// dL/dM = grad_loss * cross_corr_dterm(M) (from_loss) or the given grad_matrix; then back through the
+// standardisation with two passes over the column (the second recomputes g instead of storing it).
+template <typename scalar_t, typename acc_t, typename g_t>
+__global__ void fused_small_backward_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                            const acc_t* __restrict__ stats_a, const acc_t* __restrict__ stats_b,
+                                            const g_t* __restrict__ gmat, const scalar_t* __restrict__ grad_loss,
+                                            bool from_loss, acc_t w, acc_t tau, int64_t B, int64_t Ka, int64_t Kb,
+                                            acc_t n_var, bool need_a, bool need_b, scalar_t* __restrict__ grad_a,
+                                            scalar_t* __restrict__ grad_b) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* coef = reinterpret_cast<acc_t*>(smem_raw);  // [Ky]: dL/dM(u, v) * inv_std_y[v] / B
+  __shared__ acc_t red[32];
+  const bool for_a = blockIdx.x < Ka;
+  if ((for_a && !need_a) || (!for_a && !need_b)) return;
+  const int64_t u = for_a ? blockIdx.x : blockIdx.x - Ka;
+  const int64_t Kx = for_a ? Ka : Kb, Ky = for_a ? Kb : Ka;
+  const scalar_t* x = for_a ? a : b;
+  const scalar_t* y = for_a ? b : a;
+  const acc_t* stats_x = for_a ? stats_a : stats_b;
+  const acc_t* stats_y = for_a ? stats_b : stats_a;
+  scalar_t* out = for_a ? grad_a : grad_b;
+  const acc_t scale = from_loss ? static_cast<acc_t>(*grad_loss) : acc_t(1);
+  const acc_t* mean_y = stats_y;
+  for (int64_t v = threadIdx.x; v < Ky; v += blockDim.x) {
+    const int64_t e = for_a ? u * Kb + v : v * Kb + u;  // M is [Ka, Kb]
+    const acc_t g = from_loss ? scale * math::cross_corr_dterm(static_cast<acc_t>(gmat[e]), u == v, w, tau)
+                              : static_cast<acc_t>(gmat[e]);
+    coef[v] = g * stats_y[Ky + v] / acc_t(B);
+  }
+  __syncthreads();
+  const acc_t mu = stats_x[u], inv = stats_x[Kx + u];
+  auto g_at = [&](int64_t i) {
+    const scalar_t* row = y + i * Ky;
+    acc_t g = 0;
+    for (int64_t v = 0; v < Ky; ++v) g += (static_cast<acc_t>(row[v]) - mean_y[v]) * coef[v];
+    return g;
+  };
+  acc_t gs = 0, gx = 0;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    const acc_t g = g_at(i);
+    gs += g;
+    gx += g * (static_cast<acc_t>(x[i * Kx + u]) - mu) * inv;
+  }
+  gs = cuda::block_sum(gs, red);
+  gx = cuda::block_sum(gx, red);
+  const acc_t g_mean = gs / acc_t(B);
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    const acc_t x_hat = (static_cast<acc_t>(x[i * Kx + u]) - mu) * inv;
+    out[i * Kx + u] = static_cast<scalar_t>(math::standardise_backward(g_at(i), g_mean, x_hat, gx, inv, n_var));
+  }
+}
+
+void check_inputs(const at::Tensor& a, const at::Tensor& b, double eps, bool same_shape) {
+  check_floating(a, "a");
+  check_floating(b, "b");
+  check_dim(a, 2, "a");
+  check_dim(b, 2, "b");
+  check_same_device(a, "a", b, "b");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fcl_ext: a and b must have the same dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.size(0) == b.size(0), "fcl_ext: a and b must have the same batch size, got ", a.size(0), " and ",
+              b.size(0));
+  TORCH_CHECK(a.size(0) >= 2, "fcl_ext: cross_correlation needs a batch of at least 2 rows, got ", a.size(0));
+  TORCH_CHECK(!same_shape || a.sizes() == b.sizes(), "fcl_ext: a and b must have the same shape, got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK(eps >= 0, "fcl_ext: eps must be >= 0, got ", eps);
+}
+
+[[noreturn]] void raise_constant_column(int64_t column, int64_t Ka) {
+  const bool in_a = column < Ka;
+  TORCH_CHECK(false, "fcl_ext: cross_correlation: column ", in_a ? column : column - Ka, " of ", in_a ? "a" : "b",
+              " is constant over the batch (zero variance), so standardising it divides by zero. "
+              "Pass eps > 0 (e.g. eps=1e-5) to allow constant columns.");
+  __builtin_unreachable();
+}
+
+bool use_fused(int64_t B, int64_t Ka, int64_t Kb) {
+  return Ka <= kFusedMaxK && Kb <= kFusedMaxK && B * Ka * Kb <= kFusedMaxWork;
+}
+
+int grid_for(int64_t n, int threads) {
+  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4 * 132));
+}
+
+// The fused one-launch forward. matrix_dtype: dtype of the written M (undefined = don't write it).
+void fused_forward(const at::Tensor& a, const at::Tensor& b, bool unbiased, double eps, double w, double tau,
+                   at::Tensor* matrix, at::Tensor* loss, at::Tensor& stats_a, at::Tensor& stats_b) {
+  const int64_t B = a.size(0), Ka = a.size(1), Kb = b.size(1);
+  auto bad = at::empty({1}, a.options().dtype(at::kInt));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_correlation_fused_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = sizeof(acc_t) * 2 * (Ka + Kb);
+    const acc_t n_var = unbiased ? acc_t(B - 1) : acc_t(B);
+    scalar_t* loss_ptr = loss != nullptr ? loss->mutable_data_ptr<scalar_t>() : nullptr;
+    auto launch = [&](auto* out_ptr) {
+      using out_t = std::remove_pointer_t<decltype(out_ptr)>;
+      fused_small_kernel<scalar_t, acc_t, out_t><<<1, kFusedThreads, smem, stream>>>(
+          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), B, Ka, Kb, n_var, static_cast<acc_t>(eps),
+          static_cast<acc_t>(w), static_cast<acc_t>(tau), out_ptr, loss_ptr, stats_a.mutable_data_ptr<acc_t>(),
+          stats_b.mutable_data_ptr<acc_t>(), bad.mutable_data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (matrix == nullptr) {
+      launch(static_cast<acc_t*>(nullptr));
+    } else if (matrix->scalar_type() == a.scalar_type()) {
+      launch(matrix->mutable_data_ptr<scalar_t>());
+    } else {
+      launch(matrix->mutable_data_ptr<acc_t>());
+    }
+  });
+  if (eps == 0) {
+    const int column = bad.item<int>();
+    if (column >= 0) raise_constant_column(column, Ka);
+  }
+}
+
+at::Tensor compute_stats(const at::Tensor& x, bool unbiased, double eps) {
+  const int64_t B = x.size(0), K = x.size(1);
+  auto stats = at::empty({2, K}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_correlation_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const dim3 block(kColsPerBlock, kRowLanes);
+    const int grid = static_cast<int>((K + kColsPerBlock - 1) / kColsPerBlock);
+    acc_t* sp = stats.mutable_data_ptr<acc_t>();
+    column_stats_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), B, K, unbiased ? acc_t(B - 1) : acc_t(B), static_cast<acc_t>(eps), sp, sp + K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return stats;
+}
+
+void check_finite_stats(const at::Tensor& stats_a, const at::Tensor& stats_b) {
+  const int64_t Ka = stats_a.size(1);
+  const auto inv = at::cat({stats_a[1], stats_b[1]});
+  const auto bad = at::isinf(inv);
+  if (bad.any().item<bool>()) raise_constant_column(bad.nonzero()[0][0].item<int64_t>(), Ka);
+}
+
+at::Tensor standardised(const at::Tensor& x, const at::Tensor& stats, double scale) {
+  const int64_t B = x.size(0), K = x.size(1);
+  auto hat = at::empty({B, K}, stats.options());
+  if (hat.numel() == 0) return hat;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_correlation_standardise_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    standardise_kernel<scalar_t, acc_t><<<grid_for(B * K, 256), 256, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), B, K, stats.const_data_ptr<acc_t>(), static_cast<acc_t>(scale),
+        hat.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return hat;
+}
+
+// General path: M = a_hat^T b_hat / B by cuBLAS, in the accumulation dtype.
+at::Tensor general_matrix(const at::Tensor& a, const at::Tensor& b, bool unbiased, double eps, at::Tensor& stats_a,
+                          at::Tensor& stats_b) {
+  stats_a = compute_stats(a, unbiased, eps);
+  stats_b = compute_stats(b, unbiased, eps);
+  if (eps == 0) check_finite_stats(stats_a, stats_b);
+  const auto a_hat = standardised(a, stats_a, 1.0);
+  const auto b_hat = standardised(b, stats_b, 1.0 / static_cast<double>(a.size(0)));
+  return at::mm(a_hat.t(), b_hat);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_correlation_matrix_cuda(const at::Tensor& a, const at::Tensor& b,
+                                                                             bool unbiased, double eps) {
+  check_inputs(a, b, eps, /*same_shape=*/false);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const auto acc_type = at::toOpMathType(a.scalar_type());
+  if (use_fused(a.size(0), a.size(1), b.size(1))) {
+    auto stats_a = at::empty({2, a.size(1)}, a.options().dtype(acc_type));
+    auto stats_b = at::empty({2, b.size(1)}, a.options().dtype(acc_type));
+    auto matrix = at::empty({a.size(1), b.size(1)}, a.options());
+    fused_forward(ac, bc, unbiased, eps, 0.0, 0.0, &matrix, nullptr, stats_a, stats_b);
+    return {matrix, stats_a, stats_b};
+  }
+  at::Tensor stats_a, stats_b;
+  auto m = general_matrix(ac, bc, unbiased, eps, stats_a, stats_b);
+  return {m.to(a.scalar_type()), stats_a, stats_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_correlation_loss_cuda(
+    const at::Tensor& a, const at::Tensor& b, double off_diag_weight, double off_diag_target, bool unbiased,
+    double eps, bool keep_matrix) {
+  check_inputs(a, b, eps, /*same_shape=*/true);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const int64_t K = a.size(1);
+  const auto acc_type = at::toOpMathType(a.scalar_type());
+  auto loss = at::empty({}, a.options());
+  if (use_fused(a.size(0), K, K)) {
+    auto stats_a = at::empty({2, K}, a.options().dtype(acc_type));
+    auto stats_b = at::empty({2, K}, a.options().dtype(acc_type));
+    auto matrix = keep_matrix ? at::empty({K, K}, a.options().dtype(acc_type)) : at::empty({0}, a.options().dtype(acc_type));
+    fused_forward(ac, bc, unbiased, eps, off_diag_weight, off_diag_target, keep_matrix ? &matrix : nullptr, &loss,
+                  stats_a, stats_b);
+    return {loss, matrix, stats_a, stats_b};
+  }
+  at::Tensor stats_a, stats_b;
+  auto m = general_matrix(ac, bc, unbiased, eps, stats_a, stats_b);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int threads = 512, blocks = grid_for(K * K, threads);
+  auto partials = at::empty({blocks}, m.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_correlation_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    loss_partial_kernel<acc_t><<<blocks, threads, 0, stream>>>(m.const_data_ptr<acc_t>(), K,
+                                                               static_cast<acc_t>(off_diag_weight),
+                                                               static_cast<acc_t>(off_diag_target),
+                                                               partials.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish_sum_kernel<scalar_t, acc_t><<<1, 512, 0, stream>>>(partials.const_data_ptr<acc_t>(), blocks,
+                                                              loss.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (!keep_matrix) m = at::empty({0}, m.options());
+  return {loss, m, stats_a, stats_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_correlation_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats_a,
+    const at::Tensor& stats_b, const at::Tensor& matrix, bool unbiased, double off_diag_weight,
+    double off_diag_target, bool from_loss, bool need_a, bool need_b) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const int64_t B = a.size(0), Ka = a.size(1), Kb = b.size(1);
+  const auto acc_type = stats_a.scalar_type();
+  if (use_fused(B, Ka, Kb)) {
+    at::Tensor grad_a = need_a ? at::empty_like(ac) : at::empty({0}, a.options());
+    at::Tensor grad_b = need_b ? at::empty_like(bc) : at::empty({0}, b.options());
+    const auto sa = stats_a.contiguous(), sb = stats_b.contiguous();
+    const auto g = grad.contiguous();
+    const auto gm = from_loss ? matrix.contiguous() : g;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_correlation_fused_bwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const size_t smem = sizeof(acc_t) * std::max(Ka, Kb);
+      const acc_t n_var = unbiased ? acc_t(B - 1) : acc_t(B);
+      auto launch = [&](const auto* gptr) {
+        using g_t = std::remove_const_t<std::remove_pointer_t<decltype(gptr)>>;
+        fused_small_backward_kernel<scalar_t, acc_t, g_t><<<static_cast<int>(Ka + Kb), 256, smem, stream>>>(
+            ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(), sa.const_data_ptr<acc_t>(),
+            sb.const_data_ptr<acc_t>(), gptr, from_loss ? g.const_data_ptr<scalar_t>() : nullptr, from_loss,
+            static_cast<acc_t>(off_diag_weight), static_cast<acc_t>(off_diag_target), B, Ka, Kb, n_var, need_a,
+            need_b, need_a ? grad_a.mutable_data_ptr<scalar_t>() : nullptr,
+            need_b ? grad_b.mutable_data_ptr<scalar_t>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (from_loss) {
+        launch(gm.const_data_ptr<acc_t>());
+      } else {
+        launch(gm.const_data_ptr<scalar_t>());
+      }
+    });
+    return {grad_a, grad_b};
+  }
+  const auto a_hat = standardised(ac, stats_a, 1.0);
+  const auto b_hat = standardised(bc, stats_b, 1.0);
+  at::Tensor grad_a = need_a ? at::empty_like(ac) : at::empty({0}, a.options());
+  at::Tensor grad_b = need_b ? at::empty_like(bc) : at::empty({0}, b.options());
+  const double inv_b = 1.0 / static_cast<double>(B);
+  at::Tensor g_matrix, diag, row_a, row_b, grad_scale;
+  if (from_loss) {
+    grad_scale = grad.to(acc_type).contiguous();  // stays on the device: no synchronisation
+    g_matrix = matrix;
+    const double w = off_diag_weight, tau = off_diag_target;
+    auto m_diag = matrix.diagonal();
+    diag = (((m_diag - 1.0) * 2.0 - (m_diag - tau) * (2.0 * w)) * inv_b).contiguous();
+    if (tau != 0.0) {
+      if (need_a) row_b = b_hat.sum(1);
+      if (need_b) row_a = a_hat.sum(1);
+    }
+  } else {
+    g_matrix = grad.to(acc_type);
+  }
+  const double alpha = from_loss ? 2.0 * off_diag_weight * inv_b : inv_b;
+  const double beta = from_loss ? -2.0 * off_diag_weight * off_diag_target * inv_b : 0.0;
+  const double n_var = unbiased ? static_cast<double>(B - 1) : static_cast<double>(B);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_correlation_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](const at::Tensor& P, const at::Tensor& row, const at::Tensor& other_hat, const at::Tensor& hat,
+                   const at::Tensor& stats, int64_t K, at::Tensor& out) {
+      if (out.numel() == 0) return;
+      const dim3 block(kColsPerBlock, kRowLanes);
+      const int grid = static_cast<int>((K + kColsPerBlock - 1) / kColsPerBlock);
+      backward_cols_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+          P.const_data_ptr<acc_t>(), static_cast<acc_t>(alpha), row.defined() ? row.const_data_ptr<acc_t>() : nullptr,
+          static_cast<acc_t>(beta), diag.defined() ? diag.const_data_ptr<acc_t>() : nullptr,
+          other_hat.const_data_ptr<acc_t>(), hat.const_data_ptr<acc_t>(), stats.const_data_ptr<acc_t>() + K,
+          grad_scale.defined() ? grad_scale.const_data_ptr<acc_t>() : nullptr, B, K, static_cast<acc_t>(n_var),
+          out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (need_a) {
+      const auto P = at::mm(b_hat, g_matrix.t());
+      run(P, row_b, b_hat, a_hat, stats_a, Ka, grad_a);
+    }
+    if (need_b) {
+      const auto P = at::mm(a_hat, g_matrix);
+      run(P, row_a, a_hat, b_hat, stats_b, Kb, grad_b);
+    }
+  });
+  return {grad_a, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fcl_ext, CUDA, m) {
+  m.impl("cross_correlation_matrix", &cross_correlation_matrix_cuda);
+  m.impl("cross_correlation_loss", &cross_correlation_loss_cuda);
+  m.impl("_cross_correlation_backward", &cross_correlation_backward_cuda);
+}
+
+}  // namespace fcl_ext
