@@ -36,6 +36,13 @@ def run_with_flower(method_name: str, cfg, out_dir=None, resume: bool = False, e
         raise ConfigError(f"--engine {engine}: unknown; use flower-sim here, or `flwr run "
                           "python_api/engine/flower/app` against a SuperLink (docs/flower.md)")
     import os
+    from pathlib import Path
+    if cfg is None:   # resume from Python with the saved config
+        from python_api.config import load_config
+        from python_api.methods import get_method
+        if not (resume and out_dir is not None):
+            raise ConfigError("run_training(engine='flower-sim'): give a config (or resume=True with out_dir)")
+        cfg = load_config(get_method(method_name).config_cls, Path(out_dir) / "config.yaml")
     from python_api.engine.flower.simulation import run_simulation_training
     from python_api.engine.flower.transport import FlowerOptions
     nodes = int(options.pop("num_supernodes", os.environ.get("FCL_FLOWER_NODES", 3)))
