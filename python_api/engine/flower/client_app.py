@@ -64,7 +64,7 @@ class NodeRuntime:
 
     def __init__(self, method_name: str, config_yaml: str, node_config):
         import yaml
-        from python_api.config import apply_overrides, from_dict, to_dict
+        from python_api.config import apply_overrides, from_dict
         from python_api.engine.runner import resolve_device
         from python_api.methods import get_method
         spec = get_method(method_name)
@@ -81,7 +81,6 @@ class NodeRuntime:
             self.method = spec.build(cfg, self.scratch, self.device)
             restore_rng_state(rng)
         self.clients: dict = {}          # (node_id, cid) -> [client, message count it has seen]
-        self.proxy = None
 
     # ---------------------------------------------------------------- client state in Context.state
     @staticmethod
@@ -179,7 +178,13 @@ def handle_message(message, context):
     if kind in IN_MEMORY_KINDS:
         runtime.ensure_durable(context, cid, client)
         rng_before = capture_rng_state()
-    reply = client.handle(EngineMessage(kind, tree["payload"], dst=cid))
+    try:
+        reply = client.handle(EngineMessage(kind, tree["payload"], dst=cid))
+    except BaseException:
+        # Flower keeps the node's Context.state as it was; the live object may be half-updated, so the
+        # next message rebuilds the client from Context.state.
+        runtime.clients.pop((context.node_id, cid), None)
+        raise
     rng_after = capture_rng_state() if tree.get("rng") is not None else None
     runtime.persist(context, cid, client, kind, tree["payload"], rng_before)
     return _reply(message, {"payload": reply.payload, "rng": rng_after}, {"kind": reply.kind})

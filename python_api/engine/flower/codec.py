@@ -95,10 +95,9 @@ def unpack(skeleton: str, arrays: list, device=None) -> Any:
 # ---------------------------------------------------------------------------- Flower records
 def to_record_dict(tree: Any, meta: dict, prefix: str = "fcl") -> "RecordDict":
     """A RecordDict with `<prefix>.arrays` (ArrayRecord) and `<prefix>.meta` (ConfigRecord: meta + skeleton)."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-    skeleton, arrays = pack(tree)
+    from flwr.app import RecordDict
     record = RecordDict()
-    add_to_record_dict(record, tree, meta, prefix, _packed=(skeleton, arrays))
+    add_to_record_dict(record, tree, meta, prefix)
     return record
 
 
