@@ -76,21 +76,27 @@ def _glfc_cfg(*extra):
     return tiny_config("run.threads=1", *extra)
 
 
-def test_glfc_simulation_3_nodes_equals_in_process_with_resume(tmp_path):
+def test_glfc_simulation_3_nodes_equals_in_process_with_resume_and_proxy_node(tmp_path):
     """GLFC on 3 simulated nodes: stopped after 2 rounds, resumed (clients' state goes back to the nodes
-    from the checkpoint), the same records as one uninterrupted in-process run."""
+    from the checkpoint) with the proxy's work moved to a 4th node (proxy=node), the same records as one
+    uninterrupted in-process run."""
+    from python_api.engine.flower import run_with_flower
     from python_api.engine.runner import run_training
     a = run_training("glfc", _glfc_cfg(), out_dir=tmp_path / "inprocess", verbose=False)
     first = run_training("glfc", _glfc_cfg("run.max_rounds=2"), out_dir=tmp_path / "sim", engine="flower-sim",
                          verbose=False)
     assert not first.completed and len(first.records) == 2
-    b = run_training("glfc", _glfc_cfg(), out_dir=tmp_path / "sim", resume=True, engine="flower-sim", verbose=False)
+    b = run_with_flower("glfc", _glfc_cfg(), out_dir=tmp_path / "sim", resume=True, engine="flower-sim",
+                        verbose=False, proxy="node", num_supernodes=3)
     assert b.completed and len(b.records) == len(a.records) == 4
+    assert any(r["num_gradients"] for r in b.records[2:])      # the proxy node reconstructed something
+    proxy_node = json.loads((tmp_path / "sim" / "flower.json").read_text())["proxy_node"]
+    assert proxy_node is not None and proxy_node["partition_id"] == 3
     _close(a.records, b.records)
     for key in ("accuracy_matrix", "final_accuracy", "average_incremental_accuracy", "forgetting"):
         _close(a.summary[key], b.summary[key], key)
     flower = json.loads((tmp_path / "sim" / "flower.json").read_text())
-    assert len(flower["nodes"]) == 3 and flower["misses"] == []
+    assert len(flower["nodes"]) == 3 and flower["misses"] == []     # 3 client nodes (+ the proxy node)
     assert sorted(n["partition_id"] for n in flower["nodes"].values()) == [0, 1, 2]
     assert (tmp_path / "sim" / "metrics.json").exists() and (tmp_path / "sim" / "checkpoints" / "last.pt").exists()
 

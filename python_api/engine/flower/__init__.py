@@ -48,6 +48,10 @@ def run_with_flower(method_name: str, cfg, out_dir=None, resume: bool = False, e
     nodes = int(options.pop("num_supernodes", os.environ.get("FCL_FLOWER_NODES", 3)))
     actors = int(options.pop("actors", 1))
     client_app = options.pop("client_app", None)
+    if options.get("proxy") == "node":   # one more virtual node, the last partition, runs the GLFC proxy
+        options.setdefault("proxy_partition", nodes)
+        nodes += 1
+        options.setdefault("min_nodes", nodes - 1)
     flower_options = FlowerOptions(min_nodes=options.pop("min_nodes", nodes), **options)
     return run_simulation_training(method_name, cfg, out_dir, resume, num_supernodes=nodes, actors=actors,
                                    options=flower_options, client_app=client_app, verbose=verbose)

@@ -126,11 +126,13 @@ class NodeRuntime:
         codec.add_to_record_dict(context.state, state, {"count": entry[1]}, prefix)
 
 
-def _runtime(context) -> NodeRuntime:
+def _runtime(context, role: str = "clients") -> NodeRuntime:
+    """This run's method object in this process; the proxy gets its own (its snapshot stubs must not
+    meet the clients' snapshot cache when one simulation actor serves both)."""
     if RUN_RECORD not in context.state:
         raise RuntimeError("this node has not received the run's hello message (query.fcl_hello)")
     run = context.state[RUN_RECORD]
-    key = (context.run_id, run["digest"])
+    key = (context.run_id, run["digest"], role)
     if key not in _RUNTIMES:
         for old in [k for k in _RUNTIMES if k[0] != context.run_id]:   # a finished run's objects
             del _RUNTIMES[old]
@@ -156,8 +158,12 @@ def handle_message(message, context):
         return _reply(message, {"partition_id": int(nc.get("partition-id", -1)),
                                 "num_partitions": int(nc.get("num-partitions", 0)),
                                 "role": str(nc.get("role", "client")), "pid": os.getpid()}, {"kind": "__hello"})
-    runtime = _runtime(context)
+    runtime = _runtime(context, role="proxy" if kind == "__proxy" else "clients")
     tree, meta = codec.from_record_dict(message.content, PAYLOAD, runtime.device)
+    if kind == "__proxy":
+        from python_api.engine.flower.proxy import handle_proxy
+        isolate_library_rng()
+        return _reply(message, handle_proxy(runtime, tree), {"kind": "__proxy"})
     if kind == "__state":
         return _reply(message, {"clients": {cid: runtime.client(context, cid).state_dict() for cid in tree["cids"]}},
                       {"kind": "__state"})

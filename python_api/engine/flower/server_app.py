@@ -64,6 +64,7 @@ def train_on_grid(grid, method_name: str, cfg, out_dir=None, resume: bool = Fals
         (Path(result.run_dir) / "flower.json").write_text(json.dumps(
             {"options": transport.options.as_dict(), "messages_sent": transport.messages_sent,
              "nodes": {str(n): transport.node_info[n] for n in (transport.nodes or [])},
+             "proxy_node": None if transport.proxy_node is None else transport.node_info[transport.proxy_node],
              "misses": [{**m, "cid": repr(m["cid"])} for m in transport.misses]}, indent=1))
         result.summary["flower_misses"] = len(transport.misses)
     return result

@@ -40,24 +40,31 @@ class FlowerOptions:
     node_wait_s       how long to wait for them
     reply_timeout_s   per request (sequential) or per send (independent); None = no limit
     proxy             "server": the GLFC proxy runs in the ServerApp process, so whoever runs the
-                      ServerApp sees the clients' prototype gradients (as the paper's proxy server does)
+                      ServerApp sees the clients' prototype gradients (as the paper's proxy server does);
+                      "node": its work runs on the SuperNode with node_config role=proxy (proxy.py; the
+                      gradients still pass through the ServerApp: Flower's topology is a star)
+    proxy_partition   also treat the node with this partition-id as the proxy node (simulation)
     """
 
     def __init__(self, rng: str = "sequential", min_nodes: int = 1, node_wait_s: float = 120.0,
-                 reply_timeout_s: Optional[float] = 3600.0, proxy: str = "server"):
+                 reply_timeout_s: Optional[float] = 3600.0, proxy: str = "server",
+                 proxy_partition: Optional[int] = None):
         if rng not in ("sequential", "independent"):
             raise ValueError(f"flower rng: {rng!r} is not 'sequential' or 'independent'")
-        if proxy != "server":
-            # A role=proxy SuperNode (the ServerApp then never sees prototype gradients) is planned, not built.
-            raise ValueError(f"flower proxy: {proxy!r} is not supported yet; the GLFC proxy runs in the "
-                             "ServerApp process (proxy=server)")
+        if proxy not in ("server", "node"):
+            raise ValueError(f"flower proxy: {proxy!r} is not 'server' or 'node'")
         self.rng, self.min_nodes, self.node_wait_s = rng, int(min_nodes), float(node_wait_s)
         self.reply_timeout_s = None if reply_timeout_s in (None, 0, "") else float(reply_timeout_s)
         self.proxy = proxy
+        self.proxy_partition = None if proxy_partition is None else int(proxy_partition)
+
+    def is_proxy(self, info: dict) -> bool:
+        return info["role"] == "proxy" or (self.proxy_partition is not None
+                                           and info["partition_id"] == self.proxy_partition)
 
     def as_dict(self) -> dict:
         return dict(rng=self.rng, min_nodes=self.min_nodes, node_wait_s=self.node_wait_s,
-                    reply_timeout_s=self.reply_timeout_s, proxy=self.proxy)
+                    reply_timeout_s=self.reply_timeout_s, proxy=self.proxy, proxy_partition=self.proxy_partition)
 
 
 def isolate_library_rng() -> None:
@@ -95,7 +102,7 @@ def discover_nodes(grid, method_name: str, config_yaml: str, options: "FlowerOpt
         for node_id in sorted(grid.get_node_ids()):
             if node_id not in info:
                 info[node_id] = send_control(grid, node_id, "__hello", hello, timeout=options.node_wait_s)
-        clients = [n for n, i in info.items() if i["role"] != "proxy"]
+        clients = [n for n, i in info.items() if not options.is_proxy(i)]
         if len(clients) >= options.min_nodes:
             return info
         if time.monotonic() > deadline:
@@ -122,7 +129,7 @@ class FlowerTransport:
         self.device = getattr(method, "device", None)
         self.nodes: Optional[list] = None          # client node ids, ordered by partition-id
         self.node_info: dict = {}                  # node id -> hello reply
-        self.proxy_node: Optional[int] = None
+        self.proxy_node: Optional[int] = None      # the role=proxy node when options.proxy == "node"
         self.known_cids: list = []
         self.misses: list = []                     # {"kind", "cid", "node", "reason"} per lost reply
         self.messages_sent = 0
@@ -144,10 +151,15 @@ class FlowerTransport:
         self.node_info = discovered if discovered is not None else discover_nodes(
             self.grid, self.method_name, self.config_yaml, self.options)
         restore_rng_state(rng)
-        self.nodes = sorted([n for n, i in self.node_info.items() if i["role"] != "proxy"],
+        self.nodes = sorted([n for n, i in self.node_info.items() if not self.options.is_proxy(i)],
                             key=lambda n: (self.node_info[n]["partition_id"], n))
-        proxies = [n for n, i in self.node_info.items() if i["role"] == "proxy"]
-        self.proxy_node = proxies[0] if proxies else None   # reserved: role=proxy nodes host no clients
+        proxies = [n for n, i in self.node_info.items() if self.options.is_proxy(i)]
+        if self.options.proxy == "node":
+            if not proxies:
+                raise RuntimeError("flower proxy=node: no SuperNode with node_config role=proxy answered")
+            self.proxy_node = proxies[0]
+            from python_api.engine.flower.proxy import attach_remote_proxy
+            attach_remote_proxy(self.method, self)
         log.info("flower: %d client nodes %s", len(self.nodes),
                  [(self.node_info[n]["partition_id"], n) for n in self.nodes])
 
