@@ -14,9 +14,18 @@ IMPLS = ["fcl_ext", "eager", "compiled"]
 MODES = ["fwd", "fwd+bwd"]
 
 
+def pytest_configure(config):
+    # FCL_EXT_BENCH_THREADS pins torch's CPU threads (e.g. 1 on a shared machine, where idle
+    # OpenMP threads spin-wait and turn medians into scheduling noise). Default: torch's own.
+    threads = os.environ.get("FCL_EXT_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record torch and the GPU with every run (benchmarks/report.py keys results by machine)."""
     machine_info["fcl_ext_torch"] = torch.__version__
+    machine_info["fcl_ext_threads"] = torch.get_num_threads()
     machine_info["fcl_ext_gpu"] = torch.cuda.get_device_name(0) if "cuda" in bench_devices() else None
     try:
         import fcl_ext

@@ -58,6 +58,7 @@ def summarise(data):
         "cores": info.get("cpu", {}).get("count"),
         "gpu": info.get("fcl_ext_gpu"),
         "torch": info.get("fcl_ext_torch"),
+        "threads": info.get("fcl_ext_threads"),
         "python": info.get("python_version"),
         "commit": (commit.get("id") or "")[:10] + (" (dirty)" if commit.get("dirty") else ""),
         "date": data.get("datetime", _dt.datetime.now(_dt.timezone.utc).isoformat())[:19],
@@ -83,7 +84,8 @@ def fmt_mem(nbytes):
 
 def render_run(run):
     out = [f"### {run['gpu'] or run['cpu']}", "",
-           f"- machine: {run['cpu']} ({run['cores']} cores)" + (f", GPU {run['gpu']}" if run["gpu"] else ""),
+           f"- machine: {run['cpu']} ({run['cores']} cores, torch using {run.get('threads') or '?'} threads)"
+           + (f", GPU {run['gpu']}" if run["gpu"] else ""),
            f"- torch {run['torch']}, Python {run['python']}, commit `{run['commit']}`, {run['date']} UTC", ""]
     groups = defaultdict(dict)
     for row in run["rows"]:

@@ -56,11 +56,13 @@ def plot_matrix(path, matrix, title: str = "", xlabel: str = "", ylabel: str = "
                            else (5, 4))
     im = ax.imshow(data, vmin=vmin, vmax=vmax, cmap=cmap)
     fig.colorbar(im, ax=ax)
+    # percentages as integers, correlations and other unit-scale values with 2 decimals
+    fmt = ".0f" if np.nanmax(np.abs(data)) > 1.5 else ".2f"
     if annotate and data.size <= 400:
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 if not np.isnan(data[i, j]):
-                    ax.text(j, i, f"{data[i, j]:.0f}" if abs(data[i, j]) >= 10 else f"{data[i, j]:.2f}",
+                    ax.text(j, i, format(data[i, j], fmt),
                             ha="center", va="center", fontsize=7, color="w")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
