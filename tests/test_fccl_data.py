@@ -124,3 +124,46 @@ def test_augment_crop_flip_rotation_shapes_and_zero_padding():
     assert (out == 0).any() and (out == 1).any()         # some crops hit the zero padding
     same = D.augment(x, crop_padding=0, hflip=False, rotation_degrees=0)
     assert torch.equal(same, x)
+
+
+def write_tiny_digits_root(root, n=24):
+    """MNIST idx, USPS bz2, SVHN .mat, SYN folders and a CIFAR-100 pickle, a few images each."""
+    import pickle
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = np.random.RandomState(0)
+    labels = np.arange(n) % 10
+    for prefix in ("train", "t10k"):
+        _write_idx(root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte", rng.randint(0, 255, (n, 28, 28)))
+        _write_idx(root / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
+    for name in ("usps.bz2", "usps.t.bz2"):
+        with bz2.open(root / name, "wt") as fh:
+            for label in labels:
+                fh.write(f"{label + 1} " + " ".join(f"{j + 1}:{rng.uniform(-1, 1):.3f}" for j in range(256)) + "\n")
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        scipy_io.savemat(str(root / name), {"X": rng.randint(0, 255, (32, 32, 3, n)).astype(np.uint8),
+                                            "y": np.where(labels == 0, 10, labels).reshape(-1, 1)})
+    for split in ("imgs_train", "imgs_valid"):
+        _write_image_folder(root / "syn" / split, [str(c) for c in range(10)], 2, size=(32, 32))
+    (root / "cifar-100-python").mkdir()
+    with open(root / "cifar-100-python" / "train", "wb") as fh:
+        pickle.dump({"data": rng.randint(0, 255, (40, 3072)).astype(np.uint8), "fine_labels": [0] * 40}, fh)
+
+
+def test_digits_protocol_end_to_end_on_tiny_files(tmp_path):
+    from python_api.config import load_config
+    from python_api.engine.runner import run_training
+    from python_api.methods.fccl import FCCLConfig
+    write_tiny_digits_root(tmp_path / "data")
+    torch.set_num_threads(1)
+    cfg = load_config(FCCLConfig, "fccl-digits", [
+        f"data.root={tmp_path / 'data'}", "data.image_size=8", "data.public_size=32", "data.public_batch_size=16",
+        "run.device=cpu", "run.progress=false", "fccl.rounds=1", "fccl.loss_backend=reference",
+        "pretrain.epochs=1", f"pretrain.cache_dir={tmp_path / 'cache'}",
+        "participants=[{domain: mnist, backbone: resnet10, width: 0.0625, private_samples: 15, local_epochs: 1},"
+        "{domain: usps, backbone: resnet12, width: 0.0625, private_samples: 8, local_epochs: 1},"
+        "{domain: svhn, backbone: resnet10, width: 0.0625, private_samples: 20, local_epochs: 1},"
+        "{domain: syn, backbone: resnet12, width: 0.0625, private_samples: 18, local_epochs: 1}]"])
+    result = run_training("fccl", cfg, out_dir=tmp_path / "run", verbose=False)
+    assert result.summary["domains"] == ["mnist", "usps", "svhn", "syn"]
+    assert len(result.summary["inter"]["per_participant"]) == 4
+    assert result.records[0]["p2_svhn_local_loss"] > 0

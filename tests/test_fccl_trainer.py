@@ -254,3 +254,16 @@ def test_bad_config_names_the_key(tmp_path):
         tiny_config(tmp_path, fccl={"algorithm": "fedavg"})
     with pytest.raises(ConfigError, match="unknown config key 'fccl.round'"):
         from_dict(FCCLConfig, apply_overrides(FCCLConfig, {}, ["fccl.round=3"]))
+
+
+def test_variants_all_current_target_and_persistent_adam(tmp_path):
+    cfg = tiny_config(tmp_path, fccl={"rounds": 1, "target": "all_current", "fresh_public_optimizer": False,
+                                      "off_diag_target": 0.0, "unbiased_std": False, "std_eps": 1e-5})
+    server = FCCLServer(cfg)
+    engine = InProcessEngine(server, progress=False)
+    engine.audit = True
+    record = server.run_round(0, engine)
+    modes = {e[3]["mode"] for e in engine.messages_carried if e[0] == "request" and e[1] == "collaborate"}
+    assert modes == {"all_current"}
+    assert all(torch.isfinite(torch.tensor(record[f"p{i}_{d}_collab_loss"]))
+               for i, d in enumerate(["plain", "inverted"]))

@@ -306,22 +306,26 @@ def load_cifar100_train(root) -> torch.Tensor:
     return torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
 
 
-def public_dataset(name: str, root, size: int, rng: np.random.RandomState) -> PublicData:
-    """The reference's public sets: a random `size` subset of the training split, with its augmentation."""
+def public_dataset(name: str, root, size: int, rng: np.random.RandomState, image_size: int = 32) -> PublicData:
+    """The reference's public sets: a random `size` subset of the training split, with its augmentation.
+
+    Images are resized once to `image_size` (32 in the reference), except Tiny-ImageNet, kept at 64x64 so
+    that RandomCrop takes a random patch of it, as the reference does (spec 2.3, 4.2.9)."""
     if name == "cifar100":
         images = load_cifar100_train(root)
         keep = torch.from_numpy(subsample(size, len(images), rng))
-        return PublicData(name, images[keep], CIFAR100_MEAN, CIFAR100_STD)
+        return PublicData(name, resize_uint8(images[keep], image_size), CIFAR100_MEAN, CIFAR100_STD,
+                          crop_size=image_size)
     if name == "fashion_mnist":
         images, _ = load_idx_pair(root, "FashionMNIST", True)
         keep = torch.from_numpy(subsample(size, len(images), rng))
-        return PublicData(name, to_three_channels(resize_uint8(images[keep], 32)), IMAGENET_MEAN, IMAGENET_STD)
+        return PublicData(name, to_three_channels(resize_uint8(images[keep], image_size)), IMAGENET_MEAN,
+                          IMAGENET_STD, crop_size=image_size)
     if name == "tiny_imagenet":
         samples, _ = image_folder_files(Path(root) / "tiny-imagenet-200" / "train")
         chosen = subsample(size, len(samples), rng)
-        # 64x64 images kept at full size: RandomCrop(32, pad 4) then takes a random patch (spec 2.3, 4.2.9).
         images = decode_images([samples[i][0] for i in chosen], None)
-        return PublicData(name, images, IMAGENET_MEAN, IMAGENET_STD)
+        return PublicData(name, images, IMAGENET_MEAN, IMAGENET_STD, crop_size=image_size)
     raise ValueError(f"public.dataset: unknown public set {name!r}; expected cifar100, fashion_mnist, "
                      "tiny_imagenet or bundled")
 

@@ -38,7 +38,7 @@ def build_domains(cfg) -> tuple[list, "D.PublicData"]:
                                               reference_quirks=d.officehome_reference_split))
     if d.public == "bundled":
         raise ConfigError("data.public: 'bundled' goes with data.scenario=bundled")
-    public = D.public_dataset(d.public, d.root, d.public_size, np.random.RandomState(d.subset_seed))
+    public = D.public_dataset(d.public, d.root, d.public_size, np.random.RandomState(d.subset_seed), d.image_size)
     return built, public
 
 

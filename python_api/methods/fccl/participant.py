@@ -9,6 +9,9 @@ Messages it handles (engine-agnostic, see python_api/engine/base.py):
     public_logits   {"images": B x C x H x W}          -> {"logits": B x K}   (train mode; graph kept)
     collaborate     {"others_sum": B x K, "count": N}  -> {"loss": float}     (one optimiser step)
     local_update    {"round": r}                       -> {"loss": float, "steps": int}; then prev <- net
+
+`collaborate` steps on the graph its `public_logits` call kept (one forward per batch, as the reference:
+BN running statistics and dropout are drawn once), so an engine must deliver both to the same object.
 """
 from __future__ import annotations
 
