@@ -8,7 +8,9 @@ from python_api.engine.inprocess import InProcessEngine
 ENGINES = {"inprocess": InProcessEngine}
 
 
-def build_engine(name: str, method, progress: bool = True):
+def build_engine(name, method, progress: bool = True):
+    if callable(name):  # an engine factory (the Flower ServerApp passes its grid-bound transport this way)
+        return name(method, progress=progress)
     if name not in ENGINES:
         raise ValueError(f"engine: unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}")
     return ENGINES[name](method, progress=progress)

@@ -57,6 +57,9 @@ def default_run_dir(method: str) -> Path:
 
 def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engine: str = "inprocess",
                  verbose: bool = True) -> RunResult:
+    if isinstance(engine, str) and engine.startswith("flower"):   # issue 8: Flower runtimes (optional extra)
+        from python_api.engine.flower import run_with_flower
+        return run_with_flower(method_name, cfg, out_dir=out_dir, resume=resume, engine=engine, verbose=verbose)
     from python_api.methods import get_method
     spec = get_method(method_name)
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(method_name)
