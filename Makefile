@@ -13,7 +13,7 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY         := $(VENV)/bin/python
 STAMPS     := $(VENV)/.fcl_ext
-DEPS       := numpy pyyaml tqdm matplotlib scikit-learn scipy pytest pytest-benchmark hypothesis ninja setuptools wheel
+DEPS       := numpy pyyaml tqdm matplotlib scikit-learn scipy pytest pytest-benchmark hypothesis ninja setuptools wheel "flwr[simulation]>=1.22"
 PYTEST_ARGS ?=
 OUT        ?= gpu-check-out
 export MAX_JOBS ?= 2

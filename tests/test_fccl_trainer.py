@@ -267,3 +267,28 @@ def test_variants_all_current_target_and_persistent_adam(tmp_path):
     assert modes == {"all_current"}
     assert all(torch.isfinite(torch.tensor(record[f"p{i}_{d}_collab_loss"]))
                for i, d in enumerate(["plain", "inverted"]))
+
+
+class _DroppingTransport:
+    """Wraps an engine and loses every reply from one participant (a node that failed or timed out)."""
+
+    def __init__(self, engine, lost):
+        self.engine, self.lost = engine, lost
+
+    def send(self, messages, desc=""):
+        return [r for r in self.engine.send(messages, desc=desc) if r.src != self.lost]
+
+
+def test_round_completes_without_one_participants_replies(tmp_path):
+    cfg = tiny_config(tmp_path, participants=TINY_PARTICIPANTS + [
+        {"domain": "rotated", "backbone": "resnet10", "width": 0.0625, "local_epochs": 1}], fccl={"rounds": 1})
+    server = FCCLServer(cfg)
+    engine = InProcessEngine(server, progress=False)
+    record = server.run_round(0, _DroppingTransport(engine, lost=2))
+    assert record["p2_rotated_intra_top1"] != record["p2_rotated_intra_top1"]  # NaN: no reply
+    assert record["p2_rotated_local_loss"] != record["p2_rotated_local_loss"]
+    for tag in ("p0_plain", "p1_inverted"):
+        assert 0.0 <= record[f"{tag}_intra_top1"] <= 100.0
+        assert record[f"{tag}_local_loss"] == record[f"{tag}_local_loss"]
+    assert record["mean_intra_top1"] == pytest.approx(
+        (record["p0_plain_intra_top1"] + record["p1_inverted_intra_top1"]) / 2)

@@ -31,17 +31,28 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _mean_finite(values: list) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
 def intra_inter(accuracies: list, key: str) -> dict:
-    """accuracies[i][key][domain] -> per-participant intra (own domain) and inter (mean over the others)."""
-    names = list(accuracies[0][key].keys())
-    intra, inter = [], []
+    """accuracies[i][key][domain] -> per-participant intra (own domain) and inter (mean over the others).
+
+    A participant whose evaluation reply is missing (None: it failed or timed out) counts as NaN and
+    is left out of the means.
+    """
+    present = [a for a in accuracies if a is not None]
+    names = list(present[0][key].keys()) if present else []
+    intra, inter, per_domain = [], [], []
     for i, acc in enumerate(accuracies):
-        values = [acc[key][n] for n in names]
-        intra.append(values[i])
+        values = [acc[key][n] for n in names] if acc is not None else [float("nan")] * len(names)
+        per_domain.append(values)
+        intra.append(values[i] if values else float("nan"))
         others = [v for j, v in enumerate(values) if j != i]
         inter.append(sum(others) / len(others) if others else float("nan"))
-    return {"intra": intra, "inter": inter, "mean_intra": sum(intra) / len(intra),
-            "mean_inter": sum(inter) / len(inter), "per_domain": [[a[key][n] for n in names] for a in accuracies]}
+    return {"intra": intra, "inter": inter, "mean_intra": _mean_finite(intra),
+            "mean_inter": _mean_finite(inter), "per_domain": per_domain}
 
 
 def cross_correlation_matrix(a: torch.Tensor, b: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -80,7 +91,8 @@ class FCCLServer:
         replies = transport.send([Message("evaluate", {"model": model, "top_k": self.cfg.fccl.top_k,
                                                          "batch_size": self.cfg.data.eval_batch_size}, dst=i)
                                   for i in self.ids], desc=f"evaluate {model}")
-        accuracies = [r.payload for r in replies]
+        got = {r.src: r.payload for r in replies}  # a failed participant simply has no reply
+        accuracies = [got.get(i) for i in self.ids]
         return {"top1": intra_inter(accuracies, "top1"), "topk": intra_inter(accuracies, "topk")}
 
     def _public_batches(self) -> list:
@@ -105,16 +117,25 @@ class FCCLServer:
                                         self.public_generator).to(self.device)
                 replies = transport.send([Message("public_logits", {"images": images}, dst=i) for i in self.ids],
                                          desc="public logits")
-                logits = [r.payload["logits"] for r in replies]
-                total = torch.stack(logits).sum(0)
-                others = [total - z for z in logits] if len(logits) > 8 else \
-                    [sum(z for k, z in enumerate(logits) if k != i) for i in self.ids]
-                replies = transport.send([Message("collaborate", {"others_sum": others[i], "count": len(self.ids),
+                # Replies are matched by sender: a participant that failed or timed out sits this
+                # step out, and the others align with whoever answered.
+                got = {r.src: r.payload["logits"] for r in replies}
+                live = [i for i in self.ids if i in got]
+                if len(live) < 2:
+                    continue
+                logits = [got[i] for i in live]
+                if len(logits) > 8:
+                    total = torch.stack(logits).sum(0)
+                    others = {i: total - got[i] for i in live}
+                else:
+                    others = {i: sum(got[k] for k in live if k != i) for i in live}
+                replies = transport.send([Message("collaborate", {"others_sum": others[i], "count": len(live),
                                                                   "mode": mode, "loss": loss}, dst=i)
-                                          for i in self.ids], desc="collaborate")
-                for i, r in zip(self.ids, replies):
-                    losses[i].append(r.payload["loss"])
-                last_logits = logits
+                                          for i in live], desc="collaborate")
+                for r in replies:
+                    losses[r.src].append(r.payload["loss"])
+                if len(live) == len(self.ids):
+                    last_logits = logits
         if last_logits is not None:
             n = len(self.ids)
             self.correlations.append(torch.stack([
@@ -135,7 +156,9 @@ class FCCLServer:
                                   for i in self.ids], desc="local update")
         local_time = time.perf_counter() - start - collab_time
         evaluation = self._evaluate(transport)
-        return self._record(round_idx, evaluation, collab["collab_loss"], [r.payload["loss"] for r in replies],
+        local_loss = {r.src: r.payload["loss"] for r in replies}
+        return self._record(round_idx, evaluation, collab["collab_loss"],
+                            [local_loss.get(i, float("nan")) for i in self.ids],
                             time.perf_counter() - start, collab_time, local_time)
 
     def _record(self, round_idx, evaluation, collab_loss, local_loss, seconds, collab_time, local_time) -> dict:
