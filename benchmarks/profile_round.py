@@ -36,7 +36,8 @@ BACKENDS = ("fcl_ext", "reference")
 
 # glfc-demo (6 clients, 3 per round, width-16 ResNet-10) cut to seconds: task 0 = one round, 1 local
 # epoch, short perturbation and reconstruction; after a single task-0 round the entropy rise at the
-# task change is small, so the threshold drops to 0.1 (else no client fires and nothing is reconstructed). Smoke: 4 clients (2 per round), width 4, fewer steps.
+# task change is small, so the threshold drops to 0.1 (else no client fires and nothing is
+# reconstructed). Smoke: 4 clients (2 per round), width 4, fewer steps.
 GLFC_BENCH = ["run.progress=false", "run.threads=1", "run.device=cpu", "federated.rounds_per_task=1",
               "client.local_epochs=1", "client.entropy_threshold=0.1", "client.perturb_steps=5",
               "proxy.steps=10", "proxy.max_iter=5", "proxy.keep_last=5"]
@@ -169,9 +170,9 @@ def profile_table(prepared: Prepared, backend: str, top: int = 10) -> str:
                   f"{record.get('num_gradients')} prototype gradient(s) reconstructed.", ""]
     ours = [e for e in events if "fcl_ext" in e.key]
     ours_ms = sum(e.self_cpu_time_total for e in ours) / 1e3
+    names = (": " + ", ".join(f"`{e.key}`" for e in ours[:6])) if ours else ""
     lines += [f"fcl_ext ops in this round: {len(ours)} kind(s), {ours_ms:.1f} ms self CPU "
-              f"({100.0 * ours_ms * 1e3 / total:.1f}%)" + (": " + ", ".join(f"`{e.key}`" for e in ours[:6]) if ours else "")
-              + ".", ""]
+              f"({100.0 * ours_ms * 1e3 / total:.1f}%){names}.", ""]
     lines += ["| rank | op | self CPU (ms) | share of self CPU | calls |", "|---:|---|---:|---:|---:|"]
     for i, e in enumerate(events[:top], 1):
         lines.append(f"| {i} | `{e.key}` | {e.self_cpu_time_total / 1e3:.1f} | "
