@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "fcl_ext/checks.h"
+#include "fcl_ext/op_checks.h"
 #include "fcl_ext/cpu_rows.h"
 #include "fcl_ext/math.h"
 
@@ -108,22 +109,6 @@ at::Tensor standardised(const at::Tensor& x, const at::Tensor& stats, double sca
   return hat;
 }
 
-void check_inputs(const at::Tensor& a, const at::Tensor& b, double eps, bool same_shape) {
-  check_floating(a, "a");
-  check_floating(b, "b");
-  check_dim(a, 2, "a");
-  check_dim(b, 2, "b");
-  check_same_device(a, "a", b, "b");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fcl_ext: a and b must have the same dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.size(0) == b.size(0), "fcl_ext: a and b must have the same batch size, got ", a.size(0), " and ",
-              b.size(0));
-  TORCH_CHECK(a.size(0) >= 2, "fcl_ext: cross_correlation needs a batch of at least 2 rows, got ", a.size(0));
-  TORCH_CHECK(!same_shape || a.sizes() == b.sizes(), "fcl_ext: a and b must have the same shape, got ", a.sizes(),
-              " and ", b.sizes());
-  TORCH_CHECK(eps >= 0, "fcl_ext: eps must be >= 0, got ", eps);
-}
-
 // M = a_hat^T b_hat / B in the accumulation dtype; also returns the statistics.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation(const at::Tensor& a, const at::Tensor& b, bool unbiased,
                                                            double eps) {
@@ -137,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correlation(const at::Tensor& a, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_correlation_matrix_cpu(const at::Tensor& a, const at::Tensor& b,
                                                                             bool unbiased, double eps) {
-  check_inputs(a, b, eps, /*same_shape=*/false);
+  check_cross_correlation_inputs(a, b, eps, /*same_shape=*/false);
   auto [m, stats_a, stats_b] = correlation(a, b, unbiased, eps);
   return {m.to(a.scalar_type()), stats_a, stats_b};
 }
@@ -162,7 +147,7 @@ acc_t loss_from_matrix(const acc_t* m, int64_t K, acc_t w, acc_t tau) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_correlation_loss_cpu(
     const at::Tensor& a, const at::Tensor& b, double off_diag_weight, double off_diag_target, bool unbiased,
     double eps, bool keep_matrix) {
-  check_inputs(a, b, eps, /*same_shape=*/true);
+  check_cross_correlation_inputs(a, b, eps, /*same_shape=*/true);
   auto [m, stats_a, stats_b] = correlation(a, b, unbiased, eps);
   const int64_t K = a.size(1);
   at::Tensor loss;

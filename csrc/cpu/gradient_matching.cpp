@@ -12,6 +12,7 @@
 #include <string_view>
 
 #include "fcl_ext/checks.h"
+#include "fcl_ext/op_checks.h"
 #include "fcl_ext/cpu_rows.h"
 #include "fcl_ext/math.h"
 
@@ -24,16 +25,6 @@ int64_t metric_code(std::string_view metric) {
   if (metric == "l2") return 0;
   if (metric == "cosine") return 1;
   TORCH_CHECK(false, "fcl_ext: metric must be 'l2' or 'cosine', got '", std::string(metric), "'");
-}
-
-void check_matching_args(const at::Tensor& grads, const at::Tensor& target) {
-  check_floating(grads, "grads");
-  check_dim(grads, 2, "grads");
-  check_same_device(grads, "grads", target, "target_grads");
-  TORCH_CHECK(target.sizes() == grads.sizes(), "fcl_ext: target_grads must have the shape of grads ",
-              grads.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == grads.scalar_type(), "fcl_ext: target_grads must have the dtype of grads (",
-              grads.scalar_type(), "), got ", target.scalar_type());
 }
 
 // Row sums: l2 -> (sum (g-t)^2, -, -); cosine -> (sum g t, sum g^2, sum t^2).
@@ -71,7 +62,7 @@ inline void matching_row_sums(const T* g, const T* t, int64_t n, bool cosine, T*
 
 std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& grads, const at::Tensor& target_grads,
                                                               std::string_view metric) {
-  check_matching_args(grads, target_grads);
+  check_gradient_matching_inputs(grads, target_grads);
   const bool cosine = metric_code(metric) == 1;
   const auto g = grads.contiguous();
   const auto t = target_grads.contiguous();
@@ -102,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& 
 at::Tensor gradient_matching_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grads,
                                                const at::Tensor& target_grads, const at::Tensor& stats,
                                                std::string_view metric) {
-  check_matching_args(grads, target_grads);
+  check_gradient_matching_inputs(grads, target_grads);
   const bool cosine = metric_code(metric) == 1;
   const auto g = grads.contiguous();
   const auto t = target_grads.contiguous();

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "fcl_ext/checks.h"
+#include "fcl_ext/op_checks.h"
 #include "fcl_ext/cuda_utils.cuh"
 #include "fcl_ext/math.h"
 
@@ -250,22 +251,6 @@ __global__ void fused_small_backward_kernel(const scalar_t* __restrict__ a, cons
   }
 }
 
-void check_inputs(const at::Tensor& a, const at::Tensor& b, double eps, bool same_shape) {
-  check_floating(a, "a");
-  check_floating(b, "b");
-  check_dim(a, 2, "a");
-  check_dim(b, 2, "b");
-  check_same_device(a, "a", b, "b");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "fcl_ext: a and b must have the same dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.size(0) == b.size(0), "fcl_ext: a and b must have the same batch size, got ", a.size(0), " and ",
-              b.size(0));
-  TORCH_CHECK(a.size(0) >= 2, "fcl_ext: cross_correlation needs a batch of at least 2 rows, got ", a.size(0));
-  TORCH_CHECK(!same_shape || a.sizes() == b.sizes(), "fcl_ext: a and b must have the same shape, got ", a.sizes(),
-              " and ", b.sizes());
-  TORCH_CHECK(eps >= 0, "fcl_ext: eps must be >= 0, got ", eps);
-}
-
 [[noreturn]] void raise_constant_column(int64_t column, int64_t Ka) {
   const bool in_a = column < Ka;
   TORCH_CHECK(false, "fcl_ext: cross_correlation: column ", in_a ? column : column - Ka, " of ", in_a ? "a" : "b",
@@ -366,7 +351,7 @@ at::Tensor general_matrix(const at::Tensor& a, const at::Tensor& b, bool unbiase
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_correlation_matrix_cuda(const at::Tensor& a, const at::Tensor& b,
                                                                              bool unbiased, double eps) {
-  check_inputs(a, b, eps, /*same_shape=*/false);
+  check_cross_correlation_inputs(a, b, eps, /*same_shape=*/false);
   const c10::cuda::CUDAGuard guard(a.device());
   const auto ac = a.contiguous(), bc = b.contiguous();
   const auto acc_type = at::toOpMathType(a.scalar_type());
@@ -385,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_correlation_matrix_cuda(con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_correlation_loss_cuda(
     const at::Tensor& a, const at::Tensor& b, double off_diag_weight, double off_diag_target, bool unbiased,
     double eps, bool keep_matrix) {
-  check_inputs(a, b, eps, /*same_shape=*/true);
+  check_cross_correlation_inputs(a, b, eps, /*same_shape=*/true);
   const c10::cuda::CUDAGuard guard(a.device());
   const auto ac = a.contiguous(), bc = b.contiguous();
   const int64_t K = a.size(1);

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "fcl_ext/checks.h"
+#include "fcl_ext/op_checks.h"
 #include "fcl_ext/cuda_utils.cuh"
 #include "fcl_ext/math.h"
 
@@ -109,29 +110,6 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const std::optional<at::Tensor>& intra,
-                  const std::optional<at::Tensor>& inter, double temperature) {
-  check_floating(logits, "logits");
-  check_dim(logits, 2, "logits");
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "fcl_ext: labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "fcl_ext: labels must have shape [",
-              logits.size(0), "], got ", labels.sizes());
-  check_same_device(logits, "logits", labels, "labels");
-  TORCH_CHECK(logits.size(0) > 0 && logits.size(1) > 0, "fcl_ext: logits must be non-empty, got shape ",
-              logits.sizes());
-  TORCH_CHECK(temperature > 0, "fcl_ext: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(logits.size(0) <= INT32_MAX, "fcl_ext: too many rows for one launch: ", logits.size(0));
-  for (const auto* t : {&intra, &inter}) {
-    if (!t->has_value()) continue;
-    const auto& tt = t->value();
-    TORCH_CHECK(tt.sizes() == logits.sizes(), "fcl_ext: teacher logits must have the shape of logits ",
-                logits.sizes(), ", got ", tt.sizes());
-    TORCH_CHECK(tt.scalar_type() == logits.scalar_type(), "fcl_ext: teacher logits must have dtype ",
-                logits.scalar_type(), ", got ", tt.scalar_type());
-    check_same_device(logits, "logits", tt, "teacher logits");
-  }
-}
-
 std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
   return t->contiguous();
@@ -147,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor> dual_distillation_loss_cuda(const at::Tensor&
                                                                const std::optional<at::Tensor>& inter_logits,
                                                                double temperature, double ce_weight,
                                                                double intra_weight, double inter_weight) {
-  check_inputs(logits, labels, intra_logits, inter_logits, temperature);
+  check_dual_distillation_inputs(logits, labels, intra_logits, inter_logits, temperature);
+  TORCH_CHECK(logits.size(0) <= INT32_MAX, "fcl_ext: too many rows for one launch: ", logits.size(0));
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
   const auto s = logits.contiguous();

@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "fcl_ext/checks.h"
+#include "fcl_ext/op_checks.h"
 #include "fcl_ext/cuda_utils.cuh"
 #include "fcl_ext/math.h"
 
@@ -72,18 +73,9 @@ __global__ void matching_bwd_kernel(const scalar_t* __restrict__ grad_loss, cons
   }
 }
 
-void check_matching_args(const at::Tensor& grads, const at::Tensor& target) {
-  check_floating(grads, "grads");
-  check_dim(grads, 2, "grads");
-  check_same_device(grads, "grads", target, "target_grads");
-  TORCH_CHECK(target.sizes() == grads.sizes(), "fcl_ext: target_grads must have the shape of grads ",
-              grads.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == grads.scalar_type(), "fcl_ext: target_grads must have the dtype of grads");
-}
-
 std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cuda(const at::Tensor& grads, const at::Tensor& target_grads,
                                                                std::string_view metric) {
-  check_matching_args(grads, target_grads);
+  check_gradient_matching_inputs(grads, target_grads);
   const bool cosine = is_cosine(metric);
   const c10::cuda::CUDAGuard guard(grads.device());
   const auto g = grads.contiguous();
@@ -108,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cuda(const at::Tensor&
 at::Tensor gradient_matching_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grads,
                                                 const at::Tensor& target_grads, const at::Tensor& stats,
                                                 std::string_view metric) {
-  check_matching_args(grads, target_grads);
+  check_gradient_matching_inputs(grads, target_grads);
   const bool cosine = is_cosine(metric);
   const c10::cuda::CUDAGuard guard(grads.device());
   const auto g = grads.contiguous();
