@@ -150,6 +150,13 @@ def regenerate(docs: Path):
     lines += ["## Results", ""]
     for run in sorted(runs, key=lambda r: (r["gpu"] is None, r["machine"])):
         lines += render_run(run)
+    profiles = sorted((docs / "perf").glob("profile_*.md"))
+    if profiles:
+        lines += ["## Where a round's time goes", "",
+                  "Written by `python -m benchmarks.profile_round glfc|fccl` (torch.profiler, top 10 ops by self CPU).",
+                  ""]
+        for path in profiles:  # demote the profile's own headings under this section
+            lines += [("##" + l) if l.startswith("#") else l for l in path.read_text().strip().splitlines()] + [""]
     (docs / "performance.md").write_text("\n".join(lines).rstrip() + "\n")
 
 
