@@ -54,7 +54,7 @@ demo: build
 	$(PY) -m python_api.demo
 
 test: build
-	$(PY) -m pytest -m "not slow" tests $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" tests --durations=10 $(PYTEST_ARGS)
 	$(PY) -m pytest benchmarks --benchmark-disable -q
 
 test-slow: build
