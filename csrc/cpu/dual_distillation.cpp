@@ -56,8 +56,8 @@ T sum_exp(const T* x, int64_t n, T m, T scale) {
   using Vec = Vectorized<T>;
   Vec acc(0), vm(m), vscale(scale);
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + ((Vec::loadu(x + i) - vm) * vscale).exp();
-  if (i < n) acc = acc + ((load_tail(x + i, n - i, -std::numeric_limits<T>::infinity()) - vm) * vscale).exp();
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + cpu::fast_exp((Vec::loadu(x + i) - vm) * vscale);
+  if (i < n) acc = acc + cpu::fast_exp((load_tail(x + i, n - i, -std::numeric_limits<T>::infinity()) - vm) * vscale);
   return cpu::vec_hsum(acc);
 }
 
@@ -85,7 +85,7 @@ acc_t row_forward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, i
     Vec vz(0), vgap(0), vmt(mt), vinv(inv_t), zero(0);
     // e (t - s) with e = exp((t - mt) / T); e == 0 (a -inf teacher logit, or a padded lane) adds nothing.
     auto accumulate = [&](const Vec& vt, const Vec& vs) {
-      const Vec e = ((vt - vmt) * vinv).exp();
+      const Vec e = cpu::fast_exp((vt - vmt) * vinv);
       vz = vz + e;
       vgap = vgap + Vec::blendv(e * (vt - vs), zero, e == zero);
     };
@@ -113,10 +113,10 @@ void row_backward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, a
   auto value = [&](int64_t c, int64_t count) {
     auto load = [&](const acc_t* p) { return count == Vec::size() ? Vec::loadu(p + c) : Vec::loadu(p + c, count); };
     const Vec x = load(s);
-    Vec v = vcp * (x - vlse).exp();
-    if (!t_is_one) v = v + vkq * (x * vinv - vlset).exp();
-    if (t1) v = v - vk1 * (load(t1) * vinv - vl1).exp();
-    if (t2) v = v - vk2 * (load(t2) * vinv - vl2).exp();
+    Vec v = vcp * cpu::fast_exp(x - vlse);
+    if (!t_is_one) v = v + vkq * cpu::fast_exp(x * vinv - vlset);
+    if (t1) v = v - vk1 * cpu::fast_exp(load(t1) * vinv - vl1);
+    if (t2) v = v - vk2 * cpu::fast_exp(load(t2) * vinv - vl2);
     return v;
   };
   int64_t c = 0;
