@@ -21,12 +21,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-int64_t metric_code(std::string_view metric) {
-  if (metric == "l2") return 0;
-  if (metric == "cosine") return 1;
-  TORCH_CHECK(false, "fcl_ext: metric must be 'l2' or 'cosine', got '", std::string(metric), "'");
-}
-
 // Row sums: l2 -> (sum (g-t)^2, -, -); cosine -> (sum g t, sum g^2, sum t^2).
 template <typename T>
 inline void matching_row_sums(const T* g, const T* t, int64_t n, bool cosine, T* out) {
@@ -63,7 +57,7 @@ inline void matching_row_sums(const T* g, const T* t, int64_t n, bool cosine, T*
 std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& grads, const at::Tensor& target_grads,
                                                               std::string_view metric) {
   check_gradient_matching_inputs(grads, target_grads);
-  const bool cosine = metric_code(metric) == 1;
+  const bool cosine = is_cosine_metric(metric);
   const auto g = grads.contiguous();
   const auto t = target_grads.contiguous();
   const int64_t K = g.size(0), P = g.size(1);
@@ -94,7 +88,7 @@ at::Tensor gradient_matching_loss_backward_cpu(const at::Tensor& grad_loss, cons
                                                const at::Tensor& target_grads, const at::Tensor& stats,
                                                std::string_view metric) {
   check_gradient_matching_inputs(grads, target_grads);
-  const bool cosine = metric_code(metric) == 1;
+  const bool cosine = is_cosine_metric(metric);
   const auto g = grads.contiguous();
   const auto t = target_grads.contiguous();
   const auto go = grad_loss.contiguous();

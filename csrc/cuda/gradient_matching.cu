@@ -18,12 +18,6 @@
 namespace fcl_ext {
 namespace {
 
-bool is_cosine(std::string_view metric) {
-  if (metric == "l2") return false;
-  if (metric == "cosine") return true;
-  TORCH_CHECK(false, "fcl_ext: metric must be 'l2' or 'cosine', got '", std::string(metric), "'");
-}
-
 template <typename scalar_t, typename opmath_t>
 __global__ void matching_fwd_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ t,
                                     scalar_t* __restrict__ loss, opmath_t* __restrict__ stats, int64_t P,
@@ -76,7 +70,7 @@ __global__ void matching_bwd_kernel(const scalar_t* __restrict__ grad_loss, cons
 std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cuda(const at::Tensor& grads, const at::Tensor& target_grads,
                                                                std::string_view metric) {
   check_gradient_matching_inputs(grads, target_grads);
-  const bool cosine = is_cosine(metric);
+  const bool cosine = is_cosine_metric(metric);
   const c10::cuda::CUDAGuard guard(grads.device());
   const auto g = grads.contiguous();
   const auto t = target_grads.contiguous();
@@ -101,7 +95,7 @@ at::Tensor gradient_matching_loss_backward_cuda(const at::Tensor& grad_loss, con
                                                 const at::Tensor& target_grads, const at::Tensor& stats,
                                                 std::string_view metric) {
   check_gradient_matching_inputs(grads, target_grads);
-  const bool cosine = is_cosine(metric);
+  const bool cosine = is_cosine_metric(metric);
   const c10::cuda::CUDAGuard guard(grads.device());
   const auto g = grads.contiguous();
   const auto t = target_grads.contiguous();

@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
+#include <string_view>
 
 #include "fcl_ext/checks.h"
 
@@ -57,6 +59,14 @@ inline void check_gradient_matching_inputs(const at::Tensor& grads, const at::Te
               grads.sizes(), ", got ", target.sizes());
   TORCH_CHECK(target.scalar_type() == grads.scalar_type(), "fcl_ext: target_grads must have the dtype of grads (",
               grads.scalar_type(), "), got ", target.scalar_type());
+}
+
+// gradient_matching_loss's metric: "l2" -> false, "cosine" -> true, anything else is an error.
+inline bool is_cosine_metric(std::string_view metric) {
+  if (metric == "l2") return false;
+  if (metric == "cosine") return true;
+  TORCH_CHECK(false, "fcl_ext: metric must be 'l2' or 'cosine', got '", std::string(metric), "'");
+  return false;
 }
 
 }  // namespace fcl_ext
