@@ -1,20 +1,12 @@
 """Engines move messages between a method's server side and its clients.
 
-`InProcessEngine` (default) runs everything in one process. `build_engine(name, method)` picks one.
+`InProcessEngine` (default) runs everything in one process; the Flower engine (engine/flower/) runs the
+same method objects on Flower's runtimes. Engines register by name in engine/registry.py;
+`build_engine(name, method)` picks one. The message vocabulary is python_api/messages.py.
 """
-from python_api.engine.base import FederatedClient, FederatedMethod, Message, Transport
 from python_api.engine.inprocess import InProcessEngine
-
-ENGINES = {"inprocess": InProcessEngine}
-
-
-def build_engine(name, method, progress: bool = True):
-    if callable(name):  # an engine factory (the Flower ServerApp passes its grid-bound transport this way)
-        return name(method, progress=progress)
-    if name not in ENGINES:
-        raise ValueError(f"engine: unknown engine {name!r}; available: {', '.join(sorted(ENGINES))}")
-    return ENGINES[name](method, progress=progress)
-
+from python_api.engine.registry import available_engines, build_engine, get_engine, register_engine
+from python_api.messages import FederatedClient, FederatedMethod, Message, Transport
 
 __all__ = ["Message", "Transport", "FederatedClient", "FederatedMethod", "InProcessEngine", "build_engine",
-           "ENGINES"]
+           "get_engine", "register_engine", "available_engines"]

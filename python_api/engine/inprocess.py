@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Hashable, Sequence
 
-from python_api.engine.base import Message
+from python_api.engine.registry import EngineSpec, register_engine
+from python_api.messages import Message
 
 __all__ = ["InProcessEngine"]
 
@@ -51,3 +52,7 @@ class InProcessEngine:
         self.clients = {}
         for cid, client_state in state.get("clients", {}).items():
             self.client(cid).load_state_dict(client_state)
+
+
+register_engine(EngineSpec(name="inprocess", transport=InProcessEngine,
+                           description="every client in this process, one after another (default)"))

@@ -26,7 +26,7 @@ import torch
 from python_api.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
                                    seed_everything)
 from python_api.config import ConfigError, load_config, save_config, to_dict
-from python_api.engine import build_engine
+from python_api.engine.registry import build_engine, get_engine
 from python_api.metrics import MetricsLogger
 
 __all__ = ["RunResult", "run_training", "resolve_device", "default_run_dir"]
@@ -57,9 +57,9 @@ def default_run_dir(method: str) -> Path:
 
 def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engine: str = "inprocess",
                  verbose: bool = True) -> RunResult:
-    if isinstance(engine, str) and engine.startswith("flower"):   # issue 8: Flower runtimes (optional extra)
-        from python_api.engine.flower import run_with_flower
-        return run_with_flower(method_name, cfg, out_dir=out_dir, resume=resume, engine=engine, verbose=verbose)
+    if isinstance(engine, str) and get_engine(engine).run is not None:   # e.g. Flower: it owns the process layout
+        return get_engine(engine).run(method_name, cfg, out_dir=out_dir, resume=resume, engine=engine,
+                                      verbose=verbose)
     from python_api.methods import get_method
     spec = get_method(method_name)
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(method_name)

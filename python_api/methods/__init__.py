@@ -5,7 +5,7 @@ A method module registers itself at import time:
     register_method(MethodSpec(name="glfc", config_cls=GLFCConfig, build=build_glfc,
                                description="..."))
 
-`build(cfg, run_dir, device) -> FederatedMethod` (see python_api/engine/base.py). `get_method(name)`
+`build(cfg, run_dir, device) -> FederatedMethod` (see python_api/messages.py). `get_method(name)`
 imports `python_api.methods.<name>` on first use, so adding a method = adding a package that calls
 register_method in its __init__.
 """

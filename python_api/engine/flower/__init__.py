@@ -7,11 +7,15 @@ server_app.py   ServerApp: the shared training loop with a FlowerTransport (the 
                 and by default the GLFC proxy, run in the ServerApp process)
 client_app.py   ClientApp: hosts clients by node_config partition-id, state in Context.state
 transport.py    engine Message <-> Flower Message, RNG threading, missed replies
+control.py      engine control messages to one node (hello/discovery, state, proxy work)
 codec.py        payload trees <-> ArrayRecord + ConfigRecord (no pickle)
 proxy.py        optional: the GLFC proxy on a SuperNode with node_config role=proxy
 See docs/flower.md. Importing this package does not import flwr; the in-process engine never does.
+The package registers the "flower-*" engine names (python_api/engine/registry.py) when imported.
 """
 from __future__ import annotations
+
+from python_api.engine.registry import EngineSpec, register_engine
 
 __all__ = ["FLOWER_ENGINES", "run_with_flower", "flower_available"]
 
@@ -55,3 +59,7 @@ def run_with_flower(method_name: str, cfg, out_dir=None, resume: bool = False, e
     flower_options = FlowerOptions(min_nodes=options.pop("min_nodes", nodes), **options)
     return run_simulation_training(method_name, cfg, out_dir, resume, num_supernodes=nodes, actors=actors,
                                    options=flower_options, client_app=client_app, verbose=verbose)
+
+
+register_engine(EngineSpec(name="flower", run=run_with_flower, prefix=True,
+                           description="Flower runtimes: flower-sim (simulation); deployment via `flwr run`"))

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from python_api.checkpoint import capture_rng_state, restore_rng_state
-from python_api.engine.base import Message as EngineMessage
 from python_api.engine.flower import codec
-from python_api.engine.flower.transport import isolate_library_rng
+from python_api.engine.flower.control import isolate_library_rng
 from python_api.engine.flower.protocol import (ENGINE_TYPES, GENERIC_TYPE, IN_MEMORY_KINDS, MESSAGE_TYPES, PAYLOAD,
                                                RUN_RECORD, config_digest, decode_cid, encode_cid)
+from python_api.messages import Message as EngineMessage
 
 __all__ = ["build_client_app", "app", "NodeRuntime"]
 

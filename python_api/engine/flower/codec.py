@@ -1,6 +1,6 @@
 """Engine payloads <-> Flower records, exactly (bit for bit).
 
-A method payload (python_api/engine/base.py) is a tree of dicts / lists / tuples of tensors, numpy
+A method payload (python_api/messages.py) is a tree of dicts / lists / tuples of tensors, numpy
 arrays, numbers, strings, bools and None. `pack(tree)` splits it into
 
     skeleton   JSON text: the tree with every tensor replaced by {"__t": index, ...}

@@ -1,6 +1,6 @@
 """What the Flower ServerApp and ClientApp agree on: message types, record names, seeds.
 
-Every method message (python_api/engine/base.py `Message(kind, payload, dst=cid)`) travels as one
+Every method message (python_api/messages.py `Message(kind, payload, dst=cid)`) travels as one
 Flower Message whose `message_type` names the method step, so Flower's logs and ClientApp routing
 say what runs; the method's own `kind` travels in the meta record, so one handler serves them all.
 """

@@ -17,6 +17,7 @@ and makes the new one from the aggregated model it received; the ServerApp keeps
 from __future__ import annotations
 
 from python_api.checkpoint import capture_rng_state, restore_rng_state
+from python_api.engine.flower.control import send_control
 
 __all__ = ["RemoteProxy", "attach_remote_proxy", "handle_proxy"]
 
@@ -42,7 +43,6 @@ class RemoteProxy:
         return [self.state["best_model_1"], self.state["best_model_2"]]
 
     def process(self, global_state: dict, num_classes: int, pool, audit=None) -> dict:
-        from python_api.engine.flower.transport import send_control
         stubbed = {**self.state, "best_model_1": _stub(self.state["best_model_1"]),
                    "best_model_2": _stub(self.state["best_model_2"])}
         sequential = self.transport.options.rng == "sequential"

@@ -35,7 +35,7 @@ def options_from_run_config(run_config) -> FlowerOptions:
 def train_on_grid(grid, method_name: str, cfg, out_dir=None, resume: bool = False,
                   options: Optional[FlowerOptions] = None, verbose: bool = True):
     """run_training with this grid as the transport; the transport's misses go to flower_misses.json."""
-    from python_api.engine.flower.transport import config_text, discover_nodes
+    from python_api.engine.flower.control import config_text, discover_nodes
     from python_api.engine.runner import run_training
     options = options or FlowerOptions()
     if resume:   # the nodes must get the config the runner will use: the saved one (runner.run_training)

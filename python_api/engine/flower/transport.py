@@ -23,9 +23,10 @@ from typing import Hashable, Optional, Sequence
 import torch
 
 from python_api.checkpoint import capture_rng_state, restore_rng_state
-from python_api.engine.base import Message as EngineMessage
 from python_api.engine.flower import codec
-from python_api.engine.flower.protocol import ENGINE_TYPES, PAYLOAD, encode_cid, flower_type
+from python_api.engine.flower.control import config_text, discover_nodes, isolate_library_rng, send_control
+from python_api.engine.flower.protocol import PAYLOAD, encode_cid, flower_type
+from python_api.messages import Message as EngineMessage
 
 __all__ = ["FlowerTransport", "FlowerOptions", "isolate_library_rng", "discover_nodes", "send_control", "config_text"]
 
@@ -67,56 +68,6 @@ class FlowerOptions:
                     reply_timeout_s=self.reply_timeout_s, proxy=self.proxy, proxy_partition=self.proxy_partition)
 
 
-def isolate_library_rng() -> None:
-    """Give Flower's and Ray's modules their own `random.Random`: their heartbeats and retry back-offs
-    would otherwise draw from the global stream the method's client sampling uses (and break equality
-    with the in-process engine at random moments)."""
-    import random
-    import sys
-    private = random.Random(0x5EED)
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] in ("flwr", "ray", "grpc") and getattr(module, "random", None) is random:
-            module.random = private
-
-
-def send_control(grid, node_id: int, kind: str, tree, timeout=None, device=None):
-    """One engine control message (hello, state, load_state, proxy) to one node; raises on failure."""
-    content = codec.to_record_dict(tree, {"kind": kind}, PAYLOAD)
-    message = grid.create_message(content, ENGINE_TYPES[kind.strip("_")], node_id, "control")
-    replies = list(grid.send_and_receive([message], timeout=timeout))
-    if not replies or replies[0].has_error():
-        reason = replies[0].error.reason if replies else "no reply"
-        raise RuntimeError(f"flower: node {node_id} failed {kind}: {reason}")
-    return codec.from_record_dict(replies[0].content, PAYLOAD, device)[0]
-
-
-def discover_nodes(grid, method_name: str, config_yaml: str, options: "FlowerOptions") -> dict:
-    """node id -> hello reply (partition_id, num_partitions, role, pid) for every node, once at least
-    options.min_nodes client nodes answered (bounded by options.node_wait_s). The hello hands each node
-    the run's method name and resolved config, which it keeps in Context.state."""
-    isolate_library_rng()
-    deadline = time.monotonic() + options.node_wait_s
-    hello = {"method": method_name, "config": config_yaml}
-    info: dict = {}
-    while True:
-        for node_id in sorted(grid.get_node_ids()):
-            if node_id not in info:
-                info[node_id] = send_control(grid, node_id, "__hello", hello, timeout=options.node_wait_s)
-        clients = [n for n, i in info.items() if not options.is_proxy(i)]
-        if len(clients) >= options.min_nodes:
-            return info
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"flower: {len(clients)} client nodes answered, {options.min_nodes} needed "
-                               f"(waited {options.node_wait_s:.0f} s)")
-        time.sleep(0.5)
-
-
-def config_text(cfg) -> str:
-    import yaml
-    from python_api.config import to_dict
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
 class FlowerTransport:
     name = "flower"
 
@@ -156,7 +107,8 @@ class FlowerTransport:
         proxies = [n for n, i in self.node_info.items() if self.options.is_proxy(i)]
         if self.options.proxy == "node":
             if not proxies:
-                raise RuntimeError("flower proxy=node: no SuperNode with node_config role=proxy answered")
+                raise RuntimeError("flower proxy=node: no SuperNode with node_config role=proxy answered; "
+                                   f"nodes that answered: {sorted(self.node_info)}")
             self.proxy_node = proxies[0]
             from python_api.engine.flower.proxy import attach_remote_proxy
             attach_remote_proxy(self.method, self)

@@ -4,7 +4,7 @@ State: `net` (trained), `frozen` (intra-domain teacher = the pretrained model, n
 (inter-domain teacher = `net` at the end of the previous round). Only logits leave the participant:
 its replies hold public-batch logits and scalar metrics, never parameters, gradients or private images.
 
-Messages it handles (engine-agnostic, see python_api/engine/base.py):
+Messages it handles (engine-agnostic, see python_api/messages.py):
     evaluate        {"model": "net"|"frozen"}          -> {"top1": {domain: %}, "topk": {domain: %}}
     public_logits   {"images": B x C x H x W}          -> {"logits": B x K}   (train mode; graph kept)
     collaborate     {"others_sum": B x K, "count": N}  -> {"loss": float}     (one optimiser step)
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from python_api.data.domains import DomainData, normalise
-from python_api.engine.base import Message
+from python_api.messages import Message
 
 __all__ = ["FCCLParticipant", "loss_functions", "collaborative_target", "build_backbone"]
 

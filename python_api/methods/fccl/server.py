@@ -18,7 +18,7 @@ from typing import Hashable, Optional
 import torch
 
 from python_api.data.domains import augment_public
-from python_api.engine.base import Message
+from python_api.messages import Message
 from python_api.methods.fccl.data import build_domains, pretrain_domains
 from python_api.methods.fccl.participant import FCCLParticipant
 

@@ -1,6 +1,6 @@
 """GLFC (Dong et al., CVPR 2022) as its reference code computes it; see specs/glfc.md.
 
-    GLFCServer   orchestration, FedAvg, head growth, evaluation (python_api.engine.base.FederatedMethod)
+    GLFCServer   orchestration, FedAvg, head growth, evaluation (python_api.messages.FederatedMethod)
     GLFCClient   entropy signal, herding memory, GLFC loss, prototype gradients
     ProxyServer  label recovery, reconstruction, monitor set, best-old-model selection
     GLFCConfig   every setting, with the reference quirks as named switches

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import fcl_ext
 from python_api.data import iterate_batches
-from python_api.engine.base import Message
+from python_api.messages import Message
 from python_api.methods.glfc import privacy
 
 __all__ = ["GLFCClient", "lr_for_epoch", "herding_selection", "choose_old_model"]

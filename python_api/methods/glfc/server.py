@@ -1,7 +1,7 @@
 """GLFC server side: orchestration of one global round (spec §1.8), FedAvg, head expansion, client
 sampling, evaluation on all seen classes, the proxy server, metrics, plots.
 
-`GLFCServer(cfg, run_dir, device)` implements python_api.engine.base.FederatedMethod; the engine gives
+`GLFCServer(cfg, run_dir, device)` implements python_api.messages.FederatedMethod; the engine gives
 it a transport and owns the `GLFCClient`s that `make_client` creates.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from python_api.data import ClassIncrementalStream, DeviceAugment, iterate_batches, load_dataset
-from python_api.engine.base import Message
+from python_api.messages import Message
 from python_api.metrics import (average_incremental_accuracy, backward_transfer, forgetting, pycil_line,
                                 top1_accuracy)
 from python_api.models import IncrementalNet, build_model
