@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from python_api.config import ConfigError, list_presets, load_config, to_dict
+from python_api.nonfinite import NonFiniteError
 
 __all__ = ["main", "build_parser", "resolve_config"]
 
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fcl-ext: error: {msg}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"fcl-ext: error: {exc}", file=sys.stderr)
+        return 3
     return 1
 
 

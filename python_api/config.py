@@ -51,6 +51,8 @@ class RunConfig:
     checkpoint_every: int = 1          # rounds between checkpoints (the last round is always saved)
     keep_checkpoints: int = 1          # round checkpoints kept on disk besides `last.pt`
     max_rounds: Optional[int] = None   # stop after this many rounds (a partial run; resume continues)
+    on_nonfinite: str = "stop"         # a non-finite loss or update: stop (naming round, client, term; the last
+                                       # good checkpoint stays) | skip_client (leave that update out, logged)
 
 
 @dataclass
@@ -266,6 +268,9 @@ def load_config(cls, source=None, overrides: Sequence[str] = ()):
         raise ConfigError(f"method: config {str(source)!r} is for method {data['method']!r}, "
                           f"not {expected!r}")
     cfg = from_dict(cls, data)
+    run = getattr(cfg, "run", None)
+    if run is not None and run.on_nonfinite not in ("stop", "skip_client"):
+        raise ConfigError(f"run.on_nonfinite: expected stop or skip_client, got {run.on_nonfinite!r}")
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate()

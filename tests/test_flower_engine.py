@@ -175,3 +175,161 @@ def test_loopback_deployment_one_glfc_round_equals_in_process(tmp_path):
     _close(expected.records[0], records[0])
     flower = json.loads((tmp_path / "run" / "flower.json").read_text())
     assert sorted(n["partition_id"] for n in flower["nodes"].values()) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def _hello(partition, role="client"):
+    return {"partition_id": partition, "num_partitions": 4, "role": role, "pid": 1}
+
+
+class _RegisteringGrid:
+    """A grid whose nodes register one by one: get_node_ids() returns `seen(call)` on its n-th call."""
+
+    def __init__(self, seen):
+        self.seen, self.calls = seen, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return self.seen(self.calls)
+
+
+def test_discovery_waits_for_the_proxy_node_then_names_who_answered(monkeypatch):
+    """The race of issue 17: 3 client nodes answered before the proxy node had registered. Discovery now
+    waits (up to node_wait_s) for every node the run needs, and its failure says which answered."""
+    from python_api.engine.flower import control
+    from python_api.engine.flower.transport import FlowerOptions
+    hellos = {10: _hello(0), 11: _hello(1), 12: _hello(2), 13: _hello(3)}
+    failures = {12: 2}                             # node 12's first two hellos fail (a busy node)
+
+    def send_control(grid, node, kind, tree, timeout=None, device=None):
+        assert kind == "__hello" and tree["method"] == "glfc"
+        if failures.get(node):
+            failures[node] -= 1
+            raise RuntimeError(f"flower: node {node} failed {kind}: busy")
+        return hellos[node]
+    monkeypatch.setattr(control, "send_control", send_control)
+    monkeypatch.setattr(control, "DISCOVERY_POLL_S", 0.0)
+    options = FlowerOptions(min_nodes=3, proxy="node", proxy_partition=3, node_wait_s=60)
+    grid = _RegisteringGrid(lambda call: [10, 11, 12] if call < 5 else [10, 11, 12, 13])
+    info = control.discover_nodes(grid, "glfc", "cfg", options)
+    assert sorted(info) == [10, 11, 12, 13] and grid.calls == 5      # waited for the proxy node to register
+    # proxy=server needs no proxy node: 3 client nodes are enough
+    failures[12] = 0
+    grid = _RegisteringGrid(lambda call: [10, 11, 12])
+    assert sorted(control.discover_nodes(grid, "glfc", "cfg", FlowerOptions(min_nodes=3, node_wait_s=60))) == [10, 11, 12]
+    # the proxy node never comes: fail after node_wait_s, naming who answered and whose hello failed
+    failures[11] = 10 ** 9
+    options = FlowerOptions(min_nodes=2, proxy="node", proxy_partition=3, node_wait_s=0.2)
+    with pytest.raises(TimeoutError) as info:
+        control.discover_nodes(_RegisteringGrid(lambda call: [10, 11, 12]), "glfc", "cfg", options)
+    text = str(info.value)
+    assert "2 client nodes and a role=proxy node" in text and "2 client node(s) answered" in text, text
+    assert "node 10 (partition 0, client)" in text and "node 12 (partition 2, client)" in text, text
+    assert "failed hello: node 11" in text and "busy" in text, text
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def _hang_first_glfc_training_on_partition_1(message, context):
+    """A client that does not answer in time (reply-timeout-s): its first training message hangs."""
+    import threading
+    if message.metadata.message_type == "train.glfc_round" and int(context.node_config["partition-id"]) == 1 \
+            and not _HUNG:
+        _HUNG.append(True)
+        threading.Event().wait(HANG_S)
+
+
+_HUNG: list = []
+HANG_S, TIMEOUT_S = 45.0, 30.0     # HANG_S < 2 * TIMEOUT_S: the next request to that node is answered in time
+
+
+@pytest.mark.slow
+def test_a_client_that_times_out_is_left_out_and_the_run_goes_on(tmp_path):
+    from python_api.engine.flower import run_with_flower
+    from python_api.engine.flower.client_app import build_client_app
+    result = run_with_flower("glfc", _glfc_cfg("run.max_rounds=2"), out_dir=tmp_path / "run", engine="flower-sim",
+                             verbose=False, reply_timeout_s=TIMEOUT_S,
+                             client_app=build_client_app(_hang_first_glfc_training_on_partition_1))
+    assert len(result.records) == 2
+    misses = json.loads((tmp_path / "run" / "flower.json").read_text())["misses"]
+    assert len(misses) == 1, misses
+    assert misses[0]["kind"] == "train" and int(misses[0]["cid"]) % 3 == 1
+    assert misses[0]["reason"] == f"no reply within {TIMEOUT_S} s"
+    assert all(np.isfinite(r["loss"]) for r in result.records)
+
+
+def _fail_fccl_local_update_on_partition_1(message, context):
+    if message.metadata.message_type == "train.fccl_local" and int(context.node_config["partition-id"]) == 1:
+        raise RuntimeError("injected FCCL failure on partition 1")
+
+
+@pytest.mark.slow
+def test_a_failing_fccl_participant_is_left_out_of_its_local_phase(tmp_path):
+    from python_api.engine.flower import run_with_flower
+    from python_api.engine.flower.client_app import build_client_app
+    result = run_with_flower("fccl", _fccl_cfg(tmp_path), out_dir=tmp_path / "run", engine="flower-sim", verbose=False,
+                             client_app=build_client_app(_fail_fccl_local_update_on_partition_1))
+    assert result.completed and len(result.records) == 2
+    misses = json.loads((tmp_path / "run" / "flower.json").read_text())["misses"]
+    assert len(misses) == 2 and all(m["kind"] == "local_update" and m["cid"] == "1" for m in misses), misses
+    assert all("injected FCCL failure" in m["reason"] for m in misses)
+    for record in result.records:      # participant 1's local loss is missing, participant 0's is there
+        assert np.isnan(record["p1_inverted_local_loss"]) and np.isfinite(record["p0_plain_local_loss"])
+        assert np.isfinite(record["mean_intra_top1"])
+
+
+_PROXY_CALLS: list = []
+
+
+def _fail_proxy_work_in_round_1(message, context):
+    """The proxy node does round 0's work, then fails (the node's process counts its proxy messages)."""
+    if message.metadata.message_type == "train.glfc_proxy":
+        _PROXY_CALLS.append(True)
+        if len(_PROXY_CALLS) > 1:
+            raise RuntimeError("injected proxy-node failure")
+
+
+@pytest.mark.slow
+def test_a_failing_proxy_node_stops_the_run_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    from python_api.checkpoint import load_checkpoint
+    from python_api.engine.flower import run_with_flower
+    from python_api.engine.flower.client_app import build_client_app
+    with pytest.raises(RuntimeError, match=r"proxy=node: the GLFC proxy's work failed on the role=proxy node "
+                                           r"\d+ .*injected proxy-node failure"):
+        run_with_flower("glfc", _glfc_cfg("run.max_rounds=3"), out_dir=tmp_path / "run", engine="flower-sim",
+                        verbose=False, proxy="node", client_app=build_client_app(_fail_proxy_work_in_round_1))
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["round"] == 0
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]) == 1
+
+
+def _nan_loss_in_round_1(message, context):
+    """In the ClientApp's process: the first client training in round 1 gets a NaN loss."""
+    if message.metadata.message_type == "train.glfc_round":
+        from python_api.methods.glfc.client import GLFCClient
+        if not getattr(GLFCClient.train, "nan_injected", False):
+            train, poisoned = GLFCClient.train, []
+
+            def train_with_nan(self, model, round_idx):
+                if round_idx != 1 or poisoned:
+                    return train(self, model, round_idx)
+                poisoned.append(self.cid)
+                real = self.ctx.loss_fn
+                self.ctx.loss_fn = lambda *a, **k: real(*a, **k) * float("nan")
+                try:
+                    return train(self, model, round_idx)
+                finally:
+                    self.ctx.loss_fn = real
+            train_with_nan.nan_injected = True
+            GLFCClient.train = train_with_nan
+
+
+def test_flower_nan_loss_stops_the_run_naming_round_client_and_term(tmp_path):
+    from python_api.checkpoint import load_checkpoint
+    from python_api.engine.flower.client_app import build_client_app
+    from python_api.engine.flower.simulation import run_simulation_training
+    from python_api.nonfinite import NonFiniteError
+    with pytest.raises(NonFiniteError) as info:
+        run_simulation_training("glfc", _glfc_cfg(), tmp_path / "run", num_supernodes=3,
+                                client_app=build_client_app(_nan_loss_in_round_1), verbose=False)
+    assert info.value.round == 1 and isinstance(info.value.client, int) and "glfc_loss" in info.value.term
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["round"] == 0
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]) == 1

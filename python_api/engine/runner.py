@@ -11,7 +11,8 @@ Run directory contract (both methods):
     checkpoints/       last.pt (atomic) after every `run.checkpoint_every` rounds
 A checkpoint holds the method's server state, every client's state, the metrics records and the RNG
 states; `resume=True` continues after the last complete round and reaches the same final metrics as
-an uninterrupted run.
+an uninterrupted run. A non-finite loss or update (run.on_nonfinite=stop) raises NonFiniteError from
+the round; metrics.json then holds the rounds before it and `summary.stopped`, the checkpoint is untouched.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from python_api.checkpoint import (capture_rng_state, load_checkpoint, restore_r
 from python_api.config import ConfigError, load_config, save_config, to_dict
 from python_api.engine.registry import build_engine, get_engine
 from python_api.metrics import MetricsLogger
+from python_api.nonfinite import NonFiniteError
 
 __all__ = ["RunResult", "run_training", "resolve_device", "default_run_dir"]
 
@@ -113,7 +115,11 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
                    unit="round", dynamic_ncols=True)
     for r in bar:
         t0 = time.perf_counter()
-        record = method.run_round(r, transport)
+        try:
+            record = method.run_round(r, transport)
+        except NonFiniteError as exc:   # nothing of this round is saved: the last good checkpoint stays
+            logger.write(summary={"completed": False, "rounds_done": len(logger.records), "stopped": str(exc)})
+            raise
         record.setdefault("round", r)
         record["round_time_s"] = time.perf_counter() - t0
         logger.append(record)

@@ -50,8 +50,13 @@ class RemoteProxy:
                 "state": stubbed, "rng": capture_rng_state() if sequential else None,
                 "seed": None if sequential else int(self.transport.messages_sent) + 1}
         self.transport.messages_sent += 1
-        reply = send_control(self.transport.grid, self.transport.proxy_node, "__proxy", tree,
-                             self.transport.options.reply_timeout_s, self.transport.device)
+        try:
+            reply = send_control(self.transport.grid, self.transport.proxy_node, "__proxy", tree,
+                                 self.transport.options.reply_timeout_s, self.transport.device)
+        except RuntimeError as exc:   # no proxy output: this round cannot finish as the method defines it
+            raise RuntimeError(f"flower proxy=node: the GLFC proxy's work failed on the role=proxy node "
+                               f"{self.transport.proxy_node} ({exc}); the run stops here, its last checkpoint "
+                               "is kept (resume, e.g. with proxy=server)") from exc
         if reply["rng"] is not None:
             restore_rng_state(reply["rng"])
         new = reply["state"]

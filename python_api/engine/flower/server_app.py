@@ -79,6 +79,14 @@ def build_server_app(method_name: Optional[str] = None, cfg=None, out_dir=None, 
 
     @server_app.main()
     def main(grid, context) -> None:
+        try:
+            run(grid, context)
+        except Exception as exc:   # the caller (simulation) re-raises it: the runtime would only log it
+            if results is not None:
+                results.append(exc)
+            raise
+
+    def run(grid, context) -> None:
         if cfg is not None:
             result = train_on_grid(grid, method_name, cfg, out_dir, resume, options, verbose)
         else:

@@ -38,4 +38,6 @@ def run_simulation_training(method_name: str, cfg, out_dir=None, resume: bool = 
                    num_supernodes=num_supernodes, backend_config=backend_config, verbose_logging=False)
     if not results:
         raise RuntimeError("flower-sim: the ServerApp ended without a result (see the log above)")
+    if isinstance(results[0], BaseException):   # e.g. NonFiniteError: the caller sees the run's own error
+        raise results[0]
     return results[0]

@@ -205,10 +205,14 @@ class FCCLParticipant:
                 self._round_optimizer = optimizer
         else:
             optimizer = self._round_optimizer
+        self._public_images = None
+        if not torch.isfinite(value.detach()):   # issue 17: no step on it; the server stops or skips
+            term = "collaborative target" if not torch.isfinite(target).all() else \
+                ("L1 consensus loss" if loss == "l1" else "cross-correlation loss")
+            return {"loss": float("nan"), "nonfinite": {"term": term, "where": "collaborative update"}}
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
-        self._public_images = None
         return {"loss": float(value.detach())}
 
     @torch.no_grad()
@@ -225,7 +229,8 @@ class FCCLParticipant:
         optimizer = torch.optim.Adam(self.net.parameters(), lr=m.local_lr)
         self.net.train()
         total, steps = 0.0, 0
-        for _ in range(self.local_epochs):
+        start = {k: v.detach().clone() for k, v in self.net.state_dict().items()}   # put back on a non-finite loss
+        for epoch in range(self.local_epochs):
             for rows in torch.randperm(len(self.train_y), generator=self.generator).split(batch_size):
                 rows = rows.to(self.device)
                 logits = self.net(self.train_x[rows])
@@ -237,6 +242,13 @@ class FCCLParticipant:
                         temperature_squared=m.temperature_squared)
                 else:
                     loss = F.cross_entropy(logits, self.train_y[rows])
+                if not torch.isfinite(loss.detach()):   # issue 17: this round's local update is undone
+                    self.net.load_state_dict(start)
+                    self.prev = _frozen_copy(self.net)
+                    self._round_optimizer = None
+                    term = self._nonfinite_term(logits, self.train_y[rows], intra, inter, rows)
+                    return {"loss": float("nan"), "steps": steps,
+                            "nonfinite": {"term": term, "where": f"local update, epoch {epoch}, step {steps}"}}
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -244,6 +256,19 @@ class FCCLParticipant:
         self.prev = _frozen_copy(self.net)   # FCCL.py:267-268, after the local update
         self._round_optimizer = None
         return {"loss": total / max(1, steps), "steps": steps}
+
+    @torch.no_grad()
+    def _nonfinite_term(self, logits, labels, intra, inter, rows) -> str:
+        """Which part of the local loss is not finite: the inputs, CE, or the distillation (KL) terms."""
+        if not torch.isfinite(logits).all():
+            return "logits (model output)"
+        if intra is not None and not torch.isfinite(intra[rows]).all():
+            return "intra-domain teacher logits (frozen model)"
+        if inter is not None and not torch.isfinite(inter[rows]).all():
+            return "inter-domain teacher logits (previous-round model)"
+        if not torch.isfinite(F.cross_entropy(logits, labels)):
+            return "cross-entropy"
+        return "dual distillation (KL terms)"
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

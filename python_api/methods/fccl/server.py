@@ -21,6 +21,7 @@ from python_api.data.domains import augment_public
 from python_api.messages import Message
 from python_api.methods.fccl.data import build_domains, pretrain_domains
 from python_api.methods.fccl.participant import FCCLParticipant
+from python_api.nonfinite import NonFiniteGuard
 
 __all__ = ["FCCLServer", "intra_inter"]
 
@@ -79,6 +80,7 @@ class FCCLServer:
         self.public_images = public.images if public is not None else None
         self.solo: Optional[dict] = None            # evaluation of the pretrained models (before round 0)
         self.correlations: list = []                # per round: N x K x K tensor (last public batch)
+        self._guard = NonFiniteGuard(cfg.run.on_nonfinite, -1)   # the current round's (run_round sets it)
 
     # ------------------------------------------------------------------ engine protocol
     def make_client(self, cid: Hashable) -> FCCLParticipant:
@@ -119,7 +121,8 @@ class FCCLServer:
                                          desc="public logits")
                 # Replies are matched by sender: a participant that failed or timed out sits this
                 # step out, and the others align with whoever answered.
-                got = {r.src: r.payload["logits"] for r in replies}
+                got = {r.src: r.payload["logits"] for r in replies
+                       if self._guard.ok(r.src, r.payload, {"public logits": r.payload["logits"]})}
                 live = [i for i in self.ids if i in got]
                 if len(live) < 2:
                     continue
@@ -133,7 +136,8 @@ class FCCLServer:
                                                                   "mode": mode, "loss": loss}, dst=i)
                                           for i in live], desc="collaborate")
                 for r in replies:
-                    losses[r.src].append(r.payload["loss"])
+                    if self._guard.ok(r.src, r.payload, {}):   # a skipped step leaves no loss value
+                        losses[r.src].append(r.payload["loss"])
                 if len(live) == len(self.ids):
                     last_logits = logits
         if last_logits is not None:
@@ -146,6 +150,7 @@ class FCCLServer:
     def run_round(self, round_idx: int, transport) -> dict:
         m = self.cfg.fccl
         start = time.perf_counter()
+        self._guard = NonFiniteGuard(self.cfg.run.on_nonfinite, round_idx)   # issue 17: stop or skip
         if self.solo is None and m.evaluate_solo:
             self.solo = self._evaluate(transport, "frozen")
         collab = self._collaborate(transport) if m.algorithm in ("fccl", "fedmd") else {"collab_loss": []}
@@ -156,10 +161,13 @@ class FCCLServer:
                                   for i in self.ids], desc="local update")
         local_time = time.perf_counter() - start - collab_time
         evaluation = self._evaluate(transport)
-        local_loss = {r.src: r.payload["loss"] for r in replies}
-        return self._record(round_idx, evaluation, collab["collab_loss"],
-                            [local_loss.get(i, float("nan")) for i in self.ids],
-                            time.perf_counter() - start, collab_time, local_time)
+        local_loss = {r.src: r.payload["loss"] for r in replies if self._guard.ok(r.src, r.payload, {})}
+        record = self._record(round_idx, evaluation, collab["collab_loss"],
+                              [local_loss.get(i, float("nan")) for i in self.ids],
+                              time.perf_counter() - start, collab_time, local_time)
+        if self._guard.skipped:
+            record["nonfinite_skipped"] = self._guard.skipped
+        return record
 
     def _record(self, round_idx, evaluation, collab_loss, local_loss, seconds, collab_time, local_time) -> dict:
         top1, topk, k = evaluation["top1"], evaluation["topk"], self.cfg.fccl.top_k

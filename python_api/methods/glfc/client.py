@@ -91,6 +91,7 @@ class GLFCClient:
         self.last_entropy = 0.0
         self.signal = False
         self.old_model: Optional[dict] = None   # snapshot {"id", "num_classes", "state"}
+        self.nonfinite: Optional[dict] = None   # {"term", "where"} when this round's loss was not finite
 
     # ---- checkpoint ----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -117,12 +118,15 @@ class GLFCClient:
             raise ValueError(f"GLFCClient: unknown message kind {message.kind!r}")
         best_1, best_2 = p["old_models"]
         self.old_model = choose_old_model(best_1, best_2, self.signal, self.old_model)
+        self.nonfinite = None
         loss, num_samples = self.train(model, p["round"])
         cfg = self.ctx.cfg.client
         state = None if cfg.bn_stats_after_upload else self.ctx.clone_state(model)
         reply = {"signal": self.signal, "loss": loss, "num_samples": num_samples, "proto_grads": None,
                  "old_model_id": None if self.old_model is None else self.old_model["id"]}
-        if self.signal and self.ctx.cfg.proxy.enabled:
+        if self.nonfinite is not None:   # issue 17: the server stops the run or leaves this update out
+            reply["nonfinite"] = self.nonfinite
+        elif self.signal and self.ctx.cfg.proxy.enabled:
             reply.update(self.prototype_gradients(model, p["num_classes"]))
         reply["state"] = self.ctx.clone_state(model) if state is None else state
         return Message("update", reply)
@@ -213,12 +217,32 @@ class GLFCClient:
                     else:
                         old_logits = old_model(x)
                 loss = loss_fn(logits, y, old_mask, old_logits, gc_weight=cfg.gc_weight, rd_weight=cfg.rd_weight)
+                if not torch.isfinite(loss.detach()):   # no step on it: the weights keep their last finite values
+                    self.nonfinite = {"term": self.nonfinite_term(logits, y, old_mask, old_logits),
+                                      "where": f"local epoch {epoch}, step {steps}"}
+                    return float("nan"), int(len(idx))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 loss_sum += float(loss.detach())
                 steps += 1
         return loss_sum / max(steps, 1), int(len(idx))
+
+    def nonfinite_term(self, logits, labels, old_mask, old_logits) -> str:
+        """Which part of the GLFC loss is not finite: the inputs, L_GC or L_RD (by the reference twins), or
+        else the loss backend itself."""
+        from fcl_ext import reference
+        with torch.no_grad():
+            if not torch.isfinite(logits).all():
+                return "logits (model output)"
+            if old_logits is not None and not torch.isfinite(old_logits).all():
+                return "old-model logits (L_RD teacher)"
+            if not torch.isfinite(reference.gradient_compensated_bce(logits, labels, old_mask)):
+                return "L_GC"
+            if old_logits is not None and not torch.isfinite(
+                    reference.relation_distillation_bce(logits, labels, old_logits)):
+                return "L_RD"
+        return f"glfc_loss of the {self.ctx.loss_backend} backend (L_GC and L_RD are finite in fcl_ext.reference)"
 
     # ---- prototype -> perturbation -> gradient (GLFC.py prototype_mask) ------------------
     def prototype_gradients(self, model, num_classes: int) -> dict:

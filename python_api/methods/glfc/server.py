@@ -21,6 +21,7 @@ from python_api.messages import Message
 from python_api.metrics import (average_incremental_accuracy, backward_transfer, forgetting, pycil_line,
                                 top1_accuracy)
 from python_api.models import IncrementalNet, build_model
+from python_api.nonfinite import NonFiniteGuard
 from python_api.methods.glfc import privacy
 from python_api.methods.glfc.client import GLFCClient
 from python_api.methods.glfc.proxy import ProxyServer
@@ -217,8 +218,13 @@ class GLFCServer:
                                    desc=f"round {r} refresh")
         t_refresh = time.perf_counter() - t0 - t_train
 
+        guard = NonFiniteGuard(self.cfg.run.on_nonfinite, r)   # issue 17: stop, or leave the update out
+        answered, replies = replies, [rep for rep in replies if guard.ok(rep.src, rep.payload, {
+            "loss": rep.payload["loss"], "update (model state)": rep.payload["state"],
+            "prototype gradients": rep.payload.get("proto_grads")})]
         weights = [rep.payload["num_samples"] for rep in replies] if f.aggregation == "weighted" else None
-        self.model.load_state_dict(fedavg([rep.payload["state"] for rep in replies], weights))
+        if replies:   # every update left out: the global model stays as it was
+            self.model.load_state_dict(fedavg([rep.payload["state"] for rep in replies], weights))
         grads = [rep.payload["proto_grads"] for rep in replies if rep.payload.get("proto_grads") is not None]
         pool = torch.cat(grads) if grads else None
         audit = None
@@ -232,17 +238,19 @@ class GLFCServer:
         proxy_info = self.proxy.process(new_state, num_classes, pool, audit) if self.cfg.proxy.enabled else {}
 
         acc = self.evaluate(task)
-        fired_selected = sum(bool(rep.payload["signal"]) for rep in replies)
+        fired_selected = sum(bool(rep.payload["signal"]) for rep in answered)
         fired_other = sum(bool(rep.payload["signal"]) for rep in refreshed)
-        old_ids = [rep.payload.get("old_model_id") for rep in replies]
+        old_ids = [rep.payload.get("old_model_id") for rep in answered]
         record = {"round": r, "task": task, "classes_seen": num_classes, **acc,
-                  "loss": sum(rep.payload["loss"] for rep in replies) / len(replies),
+                  "loss": sum(rep.payload["loss"] for rep in replies) / len(replies) if replies else float("nan"),
                   "num_clients": self.num_clients, "selected": selected,
                   "groups": {"old": len(self.old_client_0), "between": len(self.old_client_1),
                              "new": len(self.new_client)},
                   "signals_selected": fired_selected, "signals_total": fired_selected + fired_other,
                   "distilling_clients": sum(i is not None for i in old_ids), "old_model_ids": old_ids,
                   "train_time_s": t_train, "refresh_time_s": t_refresh, **proxy_info}
+        if guard.skipped:
+            record["nonfinite_skipped"] = guard.skipped
         return record
 
     @torch.no_grad()
