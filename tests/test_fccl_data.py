@@ -149,12 +149,11 @@ def write_tiny_digits_root(root, n=24):
         pickle.dump({"data": rng.randint(0, 255, (40, 3072)).astype(np.uint8), "fine_labels": [0] * 40}, fh)
 
 
-def test_digits_protocol_end_to_end_on_tiny_files(tmp_path):
+def test_digits_protocol_end_to_end_on_tiny_files(tmp_path, one_torch_thread):
     from python_api.config import load_config
     from python_api.engine.runner import run_training
     from python_api.methods.fccl import FCCLConfig
     write_tiny_digits_root(tmp_path / "data")
-    torch.set_num_threads(1)
     cfg = load_config(FCCLConfig, "fccl-digits", [
         f"data.root={tmp_path / 'data'}", "data.image_size=8", "data.public_size=32", "data.public_batch_size=16",
         "run.device=cpu", "run.progress=false", "fccl.rounds=1", "fccl.loss_backend=reference",

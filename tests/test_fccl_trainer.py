@@ -14,12 +14,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:fcl_ext.ops has no FCCL losses")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is fastest, and far faster on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Tiny models: one intra-op thread is fastest, and far faster on a shared CPU (conftest restores it)."""
 
 TINY_PARTICIPANTS = [{"domain": "plain", "backbone": "resnet10", "width": 0.0625, "local_epochs": 1},
                      {"domain": "inverted", "backbone": "mobilenetv2", "width": 0.1, "local_epochs": 1}]
@@ -144,12 +140,19 @@ def test_only_logits_leave_a_participant(tmp_path):
     kinds = {entry[1] for entry in replies}
     assert kinds == {"evaluate", "public_logits", "collaborate", "local_update"}
     batch, classes = cfg.data.public_batch_size, 10
+    allowed = {"evaluate": {"top1", "topk"}, "public_logits": {"logits"}, "collaborate": {"loss"},
+               "local_update": {"loss", "steps"}}
     for _, kind, _, payload in replies:
+        assert set(payload) == allowed[kind], (kind, set(payload))
         for tensor in _tensors(payload):
             assert kind == "public_logits" and tensor.shape == (batch, classes) and not tensor.requires_grad
-        if kind != "public_logits":
-            flat = json.dumps(payload)      # numbers and names only
-            assert flat
+        if kind != "public_logits":       # numbers (and domain names) only: no tensors, no lists of weights
+            def scalars(value):
+                if isinstance(value, dict):
+                    return all(isinstance(k, str) and scalars(v) for k, v in value.items())
+                return isinstance(value, (int, float)) and not isinstance(value, bool)
+            assert scalars(payload), (kind, payload)
+            json.dumps(payload)
     # requests carry public images down and logit sums back, never a model
     for _, kind, _, payload in (e for e in engine.messages_carried if e[0] == "request"):
         for tensor in _tensors(payload):
@@ -209,13 +212,45 @@ def test_end_to_end_two_architectures_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["fedmd", "solo"])
-def test_baselines_run(tmp_path, algorithm):
+def test_baselines_run(tmp_path, algorithm, monkeypatch):
+    """Each algorithm runs its own phases and losses: FCCL cross-correlation + dual distillation, FedMD L1
+    to the consensus + CE, SOLO CE only; every phase moves the weights it should."""
+    import torch.nn.functional as F
+
+    from python_api.methods.fccl import participant as participant_module
+    calls = {"cross_correlation": 0, "dual_distillation": 0, "l1": 0, "cross_entropy": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+    real_losses = participant_module.loss_functions
+    monkeypatch.setattr(participant_module, "loss_functions", lambda backend: tuple(
+        counting(n, f) for n, f in zip(("cross_correlation", "dual_distillation"), real_losses(backend))))
+    monkeypatch.setattr(participant_module.F, "l1_loss", counting("l1", F.l1_loss))
+    monkeypatch.setattr(participant_module.F, "cross_entropy", counting("cross_entropy", F.cross_entropy))
     cfg = tiny_config(tmp_path, fccl={"rounds": 1, "algorithm": algorithm})
-    result = run_training("fccl", cfg, out_dir=tmp_path / algorithm, verbose=False)
-    assert result.summary["algorithm"] == algorithm
-    assert result.summary["inter"]["mean"] >= 0
-    if algorithm == "solo":
-        assert not any(k.endswith("collab_loss") for k in result.records[0])
+    server = FCCLServer(cfg)
+    engine = InProcessEngine(server, progress=False)
+    nets = {i: {k: v.clone() for k, v in engine.client(i).net.state_dict().items()} for i in server.ids}
+    calls.update({k: 0 for k in calls})          # pretraining's CE does not count
+    record = server.run_round(0, engine)
+    summary = server.summary([record])
+    assert summary["algorithm"] == algorithm
+    collaborates = algorithm in ("fccl", "fedmd")
+    assert any(k.endswith("collab_loss") for k in record) == collaborates
+    # 2 public batches of 32 x 2 participants; 24 private images in batches of 16 -> 2 local steps each
+    expected = {"fccl": {"cross_correlation": 4, "dual_distillation": 4, "l1": 0, "cross_entropy": 0},
+                "fedmd": {"cross_correlation": 0, "dual_distillation": 0, "l1": 4, "cross_entropy": 4},
+                "solo": {"cross_correlation": 0, "dual_distillation": 0, "l1": 0, "cross_entropy": 4}}[algorithm]
+    assert calls == expected, calls
+    for i in server.ids:
+        p = engine.clients[i]
+        assert any(not torch.equal(v, nets[i][k]) for k, v in p.net.state_dict().items() if v.is_floating_point())
+        # the network evaluated after the round is the trained one, not the frozen pretrained teacher
+        assert any(not torch.equal(a, b) for a, b in zip(p.net.parameters(), p.frozen.parameters()))
+        assert all(0 <= v <= 100 for v in summary["intra"]["per_participant"] + summary["inter"]["per_participant"])
 
 
 def test_backends_agree(tmp_path):

@@ -52,6 +52,9 @@ def run_with_flower(method_name: str, cfg, out_dir=None, resume: bool = False, e
     nodes = int(options.pop("num_supernodes", os.environ.get("FCL_FLOWER_NODES", 3)))
     actors = int(options.pop("actors", 1))
     client_app = options.pop("client_app", None)
+    # Virtual nodes always come, but on a busy machine starting their processes takes minutes: wait long.
+    from python_api.engine.flower.control import SIMULATION_NODE_WAIT_S
+    options.setdefault("node_wait_s", SIMULATION_NODE_WAIT_S)
     if options.get("proxy") == "node":   # one more virtual node, the last partition, runs the GLFC proxy
         options.setdefault("proxy_partition", nodes)
         nodes += 1

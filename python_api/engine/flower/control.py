@@ -15,6 +15,11 @@ log = logging.getLogger("fcl_ext.flower")
 
 # how often discovery asks the grid for newly registered nodes while it waits
 DISCOVERY_POLL_S = 0.2
+# one hello's wait: the first message to a node may wait for its process to start (Ray actor, imports,
+# the method's data); a hello that is not answered in this time is sent again until node_wait_s is spent
+HELLO_TIMEOUT_S = 60.0
+# discovery's bound in simulation, where the virtual nodes always come (deployment: FlowerOptions' 120 s)
+SIMULATION_NODE_WAIT_S = 900.0
 
 
 def isolate_library_rng() -> None:
@@ -68,7 +73,7 @@ def discover_nodes(grid, method_name: str, config_yaml: str, options) -> dict:
                 continue
             try:
                 info[node_id] = send_control(grid, node_id, "__hello", hello,
-                                             timeout=max(1.0, deadline - time.monotonic()))
+                                             timeout=max(1.0, min(HELLO_TIMEOUT_S, deadline - time.monotonic())))
                 failed.pop(node_id, None)
             except RuntimeError as exc:
                 failed[node_id] = str(exc)

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Optional
 
+from python_api.engine.flower.control import SIMULATION_NODE_WAIT_S
 from python_api.engine.flower.transport import FlowerOptions
 
 __all__ = ["run_simulation_training"]
@@ -23,7 +24,7 @@ def run_simulation_training(method_name: str, cfg, out_dir=None, resume: bool = 
     from flwr.simulation import run_simulation
     from python_api.engine.flower.client_app import build_client_app
     from python_api.engine.flower.server_app import build_server_app
-    options = options or FlowerOptions(min_nodes=num_supernodes)
+    options = options or FlowerOptions(min_nodes=num_supernodes, node_wait_s=SIMULATION_NODE_WAIT_S)
     results: list = []
     server_app = build_server_app(method_name, cfg, out_dir, resume, options, results, verbose)
     # Ray workers import python_api from the same tree as this process.
