@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state", "seed_everything"]
+__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state", "seed_everything",
+           "keep_round_checkpoints"]
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -60,3 +61,24 @@ def save_checkpoint(path, state: dict) -> None:
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def keep_round_checkpoints(last_path, round_idx: int, keep: int) -> list:
+    """Keep `last_path` (just written) as round-NNNN.pt beside it, and only the newest `keep` of those.
+    A hard link: no second copy on disk (a copy where links are not supported). Returns the kept paths."""
+    last_path = Path(last_path)
+    folder = last_path.parent
+    if keep > 0:
+        target = folder / f"round-{round_idx:04d}.pt"
+        tmp = folder / (target.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(last_path, tmp)
+        except OSError:
+            import shutil
+            shutil.copyfile(last_path, tmp)
+        os.replace(tmp, target)
+    kept = sorted(folder.glob("round-[0-9][0-9][0-9][0-9].pt"))
+    for old in kept[:max(0, len(kept) - keep)]:
+        old.unlink()
+    return kept[max(0, len(kept) - keep):]

@@ -95,8 +95,28 @@ def test_clients_send_only_weights_and_prototype_gradients(tmp_path):
     assert record["num_gradients"] == 4 and record["psnr_mean"] is None
 
 
+# The CLI child of the kill test: it blocks inside round KILL_ROUND's local training (after round
+# KILL_ROUND - 1's checkpoint) and says so in a marker file, so the parent kills it at a known point.
+KILL_ROUND = 2
+_BLOCKING_CHILD = """
+import sys, threading
+from pathlib import Path
+from python_api.methods.glfc.client import GLFCClient
+train = GLFCClient.train
+def train_until_killed(self, model, round_idx):
+    if round_idx == {round}:
+        Path({marker!r}).write_text("in round {round}")
+        threading.Event().wait()                 # until SIGKILL
+    return train(self, model, round_idx)
+GLFCClient.train = train_until_killed
+from python_api.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
-    """SIGKILL a CLI run once its first checkpoint exists, resume it, compare with an uninterrupted run."""
+    """SIGKILL a CLI run in the middle of round 2 (rounds 0-1 checkpointed, the task change of round 2
+    half done), resume it, compare with an uninterrupted run."""
     import os
     import signal
     import subprocess
@@ -105,26 +125,33 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     from pathlib import Path
 
     from tests.glfc_tiny import TINY
-    out = tmp_path / "killed"
+    out, marker = tmp_path / "killed", tmp_path / "in-round"
     # the child must import exactly the modules this process uses (same fcl_ext build)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path.cwd()), *[p for p in sys.path if p]]))
-    proc = subprocess.Popen([sys.executable, "-m", "python_api", "train", "glfc", "--out", str(out), *TINY],
-                            cwd=Path.cwd(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = _BLOCKING_CHILD.format(round=KILL_ROUND, marker=str(marker))
+    proc = subprocess.Popen([sys.executable, "-c", code, "train", "glfc", "--out", str(out), *TINY],
+                            cwd=Path.cwd(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while not (out / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        deadline = time.monotonic() + 600
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert (out / "checkpoints" / "last.pt").exists()
+        assert marker.exists(), f"the child never reached round {KILL_ROUND} (exit {proc.poll()}): " + \
+            (proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "still running")
+        assert proc.poll() is None, "the child finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    done = load_checkpoint(out / "checkpoints" / "last.pt")["round"]
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL                 # really killed, not finished
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["round"] == KILL_ROUND - 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["rounds"]) == KILL_ROUND and not metrics["summary"].get("completed")
     resumed = run_training("glfc", tiny_config(), out_dir=out, resume=True)
     full = run_training("glfc", tiny_config(), out_dir=tmp_path / "full")
     assert resumed.completed and len(resumed.records) == len(full.records) == 4
-    if proc.returncode != 0:                      # killed (-9) before the end, as intended
-        assert done < 3
     for a, b in zip(full.records, resumed.records):
         for key in COMPARED:
             assert a[key] == b[key], (a["round"], key)

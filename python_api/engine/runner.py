@@ -8,7 +8,8 @@ Run directory contract (both methods):
     metrics.json       {"rounds": [one record per round], "summary": {...}}
     metrics.csv        the scalar columns of the round records
     plots/*.png        written by the method's write_plots
-    checkpoints/       last.pt (atomic) after every `run.checkpoint_every` rounds
+    checkpoints/       last.pt (atomic) after every `run.checkpoint_every` rounds, and the last
+                       `run.keep_checkpoints` of them as round-NNNN.pt (hard links to the same bytes)
 A checkpoint holds the method's server state, every client's state, the metrics records and the RNG
 states; `resume=True` continues after the last complete round and reaches the same final metrics as
 an uninterrupted run. A non-finite loss or update (run.on_nonfinite=stop) raises NonFiniteError from
@@ -24,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from python_api.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
-                                   seed_everything)
+from python_api.checkpoint import (capture_rng_state, keep_round_checkpoints, load_checkpoint, restore_rng_state,
+                                   save_checkpoint, seed_everything)
 from python_api.config import ConfigError, load_config, save_config, to_dict
 from python_api.engine.registry import build_engine, get_engine
 from python_api.metrics import MetricsLogger
@@ -131,6 +132,7 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
                 "format": CHECKPOINT_FORMAT, "method": method_name, "round": r,
                 "method_state": method.state_dict(), "engine_state": transport.state_dict(),
                 "records": logger.records, "rng": capture_rng_state()})
+            keep_round_checkpoints(ckpt_path, r, cfg.run.keep_checkpoints)
         logger.write(summary=method.summary(logger.records) if not last else None)
 
     completed = end_round == method.num_rounds
