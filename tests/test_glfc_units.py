@@ -57,7 +57,6 @@ def _fake_ctx(num_classes=4, task_size=2, per_class=6, threshold=1.2, memory=12,
                            aug=DeviceAugment((0, 0, 0), (1, 1, 1), crop_padding=0, hflip=False),
                            class_indices=[torch.nonzero(labels == c).flatten() for c in range(num_classes)],
                            classes_per_client=classes_per_client)
-    ctx.features = lambda model, idx, train_mode: model.features(ctx.aug.test(train.images[idx]))
     return ctx
 
 
