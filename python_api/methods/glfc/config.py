@@ -178,7 +178,9 @@ def switch_report(cfg) -> str:
         rows.append((sw.key, fmt(value), fmt(sw.reference), fmt(sw.corrected), sw.spec))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"# quirks: {cfg.quirks}  (reference = the official code; `quirks: corrected` applies the fixes)"]
-    for r in rows:
+    for i, r in enumerate(rows):
+        if i == len(SWITCHES) + 1:
+            lines.append("# -- variants and cost-only switches (not in the corrected group):")
         mark = "" if r[0] == "switch" or r[1] == r[2] or r[2].startswith("false (") else "   <- differs from reference"
         lines.append("# " + "  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] + mark)
     return "\n".join(lines)
@@ -196,6 +198,10 @@ class GLFCConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @staticmethod
+    def switch_report(cfg) -> str:
+        return switch_report(cfg)
 
     @classmethod
     def prepare_dict(cls, data: dict) -> dict:

@@ -149,7 +149,7 @@ def reconstruct(encoder, grads: torch.Tensor, labels: torch.Tensor, proxy_cfg, i
             for step in range(proxy_cfg.steps):
                 if not stopped:
                     start = x.detach().clone()
-                    loss = opt.step(closure)          # the loss at the step's start point
+                    loss = opt.step(closure).detach()   # the loss at the step's start point
                     finite = bool(torch.isfinite(loss))
                     if finite and float(loss) < best_loss:
                         best_loss, best_x = float(loss), start

@@ -27,7 +27,11 @@ from python_api.methods.glfc import privacy
 from python_api.methods.glfc.client import GLFCClient
 from python_api.methods.glfc.proxy import ProxyServer
 
-__all__ = ["GLFCServer", "GLFCContext", "fedavg", "resolve_loss", "PSNR_PRIVACY_NOTICE"]
+__all__ = ["GLFCServer", "GLFCContext", "fedavg", "resolve_loss", "PSNR_PRIVACY_NOTICE", "TRAIN_KEYS", "REFRESH_KEYS"]
+
+# What the server sends a client (the privacy audit test checks every request against these lists).
+REFRESH_KEYS = frozenset({"round", "task", "group", "num_classes", "global_state"})
+TRAIN_KEYS = REFRESH_KEYS | {"old_models"}
 
 PSNR_PRIVACY_NOTICE = ("proxy.psnr=true: firing clients sent their raw perturbed prototype images (and the "
                        "unperturbed ones and their labels) to the server to measure reconstruction PSNR; GLFC "
@@ -205,6 +209,7 @@ class GLFCServer:
                  "global_state": global_state}
             if with_old:
                 p["old_models"] = old_models
+            assert set(p) == (TRAIN_KEYS if with_old else REFRESH_KEYS)
             return p
         t0 = time.perf_counter()
         replies = transport.send([Message("train", payload(c, True), dst=c) for c in selected],
