@@ -209,7 +209,6 @@ class GLFCServer:
                  "global_state": global_state}
             if with_old:
                 p["old_models"] = old_models
-            assert set(p) == (TRAIN_KEYS if with_old else REFRESH_KEYS)
             return p
         t0 = time.perf_counter()
         replies = transport.send([Message("train", payload(c, True), dst=c) for c in selected],
