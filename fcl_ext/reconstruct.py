@@ -224,12 +224,14 @@ class BatchedLBFGS:
     `objective(x_rows, idx)` returns (loss [n], grad [n, D]) for the problems `idx` at the
     points `x_rows` [n, D]; problem k's gradient must depend on x_k alone.
 
-    A problem whose loss turns NaN/Inf is rolled back to its best (lowest-loss) iterate and
-    stopped for good (`stopped`); the others are not affected.
+    With rollback_nonfinite=True (default) a problem whose loss turns NaN/Inf is rolled back to its
+    best (lowest-loss) iterate and stopped for good (`stopped`); with False it keeps iterating as
+    torch.optim.LBFGS would (NaN in, NaN out). The others are not affected either way.
     """
 
     def __init__(self, x0: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, max_eval: Optional[int] = None,
-                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100):
+                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
+                 rollback_nonfinite: bool = True):
         if x0.dim() != 2:
             raise ValueError(f"x0 must be [K, D], got shape {tuple(x0.shape)}")
         if lr < 0 or max_iter < 1 or history_size < 1:
@@ -237,6 +239,7 @@ class BatchedLBFGS:
         self.lr, self.max_iter = float(lr), int(max_iter)
         self.max_eval = int(max_eval) if max_eval is not None else self.max_iter * 5 // 4
         self.tolerance_grad, self.tolerance_change = tolerance_grad, tolerance_change
+        self.rollback_nonfinite = bool(rollback_nonfinite)
         k, dim = x0.shape
         opts = dict(dtype=x0.dtype, device=x0.device)
         self.x = x0.detach().clone()
@@ -276,6 +279,8 @@ class BatchedLBFGS:
             self.best_loss[b] = loss64[better]
             self.best_x[b] = self.x[b]
         bad = rows[~finite]
+        if not self.rollback_nonfinite:
+            return bad[:0]
         if bad.numel():
             self.x[bad] = self.best_x[bad]
             self.stopped[bad] = True
@@ -459,7 +464,9 @@ def reconstruct_from_gradients(encoder: LeNetEncoder, target_grads, labels=None,
                                optimizer: str = "lbfgs", lr: float = 0.1, max_iter: int = 20,
                                history_size: int = 100, keep_last: int = 20, metric: str = "l2",
                                init: Union[str, torch.Tensor] = "normal",
-                               generator: Optional[torch.Generator] = None) -> ReconstructionResult:
+                               generator: Optional[torch.Generator] = None, tolerance_grad: float = 1e-7,
+                               tolerance_change: float = 1e-9,
+                               rollback_nonfinite: bool = True) -> ReconstructionResult:
     """Rebuild K images from their encoder gradients, all problems at once.
 
     target_grads: [K, P] (encode_gradients layout) or a list of per-parameter [K, ...] tensors;
@@ -467,7 +474,9 @@ def reconstruct_from_gradients(encoder: LeNetEncoder, target_grads, labels=None,
     optimizer "lbfgs": per problem exactly torch.optim.LBFGS(lr, max_iter, history_size)
     stepped `steps` times (BatchedLBFGS); "adam": torch.optim.Adam(lr), elementwise, hence
     also per-problem exact. init: "normal" (GLFC: N(0, 1)), "uniform" or a [K, C, H, W] tensor.
-    A problem whose loss turns NaN/Inf is rolled back to its best iterate and stopped.
+    tolerance_grad / tolerance_change: LBFGS's (torch >= 1.4 defaults; GLFC ran torch 1.2: 1e-5 / 1e-9).
+    rollback_nonfinite: a problem whose loss turns NaN/Inf is rolled back to its best iterate and
+    stopped (lbfgs only); False keeps iterating as torch.optim.LBFGS does.
     """
     target = _flatten_target(target_grads, encoder).detach()
     labels = _check_common(encoder, target, labels, optimizer, metric, steps, keep_last)
@@ -477,7 +486,9 @@ def reconstruct_from_gradients(encoder: LeNetEncoder, target_grads, labels=None,
     objective = _matching_objective(encoder, target, labels, metric)
     keep = []
     if optimizer == "lbfgs":
-        opt = BatchedLBFGS(x0.view(k, -1), lr=lr, max_iter=max_iter, history_size=history_size)
+        opt = BatchedLBFGS(x0.view(k, -1), lr=lr, max_iter=max_iter, history_size=history_size,
+                           tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                           rollback_nonfinite=rollback_nonfinite)
         for step in range(steps):
             opt.step(objective)
             if step >= steps - keep_last:

@@ -94,8 +94,11 @@ def main(argv=None) -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "show-config":
-            _, cfg = resolve_config(args)
+            spec, cfg = resolve_config(args)
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            report = getattr(spec.config_cls, "switch_report", None)   # e.g. GLFC: reference value of every switch
+            if report is not None:
+                print(report(cfg))
             return 0
         if args.command == "presets":
             for name in list_presets():

@@ -11,7 +11,8 @@ a value of the wrong type raises `ConfigError` naming the key, listing the valid
 Sections shared by every method: `RunConfig` (seed, device, progress, checkpointing) and
 `DataConfig` (dataset name, root, image size, class order, augmentation). A method config is a
 dataclass with at least the fields `method: str`, `run: RunConfig`, `data: DataConfig`; it may define
-`validate(self)` that raises `ConfigError` for inconsistent settings.
+`validate(self)` that raises `ConfigError` for inconsistent settings, and a classmethod
+`prepare_dict(data) -> data` that expands settings groups before the dataclass is built.
 """
 from __future__ import annotations
 
@@ -267,6 +268,9 @@ def load_config(cls, source=None, overrides: Sequence[str] = ()):
     if expected is not None and data.get("method", expected) != expected:
         raise ConfigError(f"method: config {str(source)!r} is for method {data['method']!r}, "
                           f"not {expected!r}")
+    prepare = getattr(cls, "prepare_dict", None)   # a method's settings groups (e.g. GLFC `quirks`)
+    if prepare is not None:
+        data = prepare(data)
     cfg = from_dict(cls, data)
     run = getattr(cfg, "run", None)
     if run is not None and run.on_nonfinite not in ("stop", "skip_client"):

@@ -15,7 +15,7 @@ COMPARED = ("accuracy", "per_task_accuracy", "loss", "signals_total", "num_gradi
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    result = run_training("glfc", tiny_config(), out_dir=tmp_path / "run")
+    result = run_training("glfc", tiny_config("proxy.psnr=true"), out_dir=tmp_path / "run")
     run = result.run_dir
     for name in ("config.yaml", "metrics.json", "metrics.csv", "checkpoints/last.pt", "plots/accuracy_vs_classes.png",
                  "plots/accuracy_matrix.png", "plots/accuracy_per_round.png", "plots/reconstructions.png"):
@@ -80,7 +80,7 @@ def test_clients_send_only_weights_and_prototype_gradients(tmp_path):
     no images, no labels of the prototypes (the proxy recovers them from the gradients)."""
     from python_api.engine import InProcessEngine
     from python_api.methods.glfc import GLFCServer
-    server = GLFCServer(tiny_config("proxy.psnr=false"), tmp_path, torch.device("cpu"))
+    server = GLFCServer(tiny_config(), tmp_path, torch.device("cpu"))      # default: proxy.psnr=false
     engine = InProcessEngine(server, progress=False)
     engine.audit = True
     record = server.run_round(0, engine)

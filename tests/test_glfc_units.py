@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from python_api.config import load_config
+from python_api.config import ConfigError, load_config
 from python_api.data import DeviceAugment, ImageTensors
 from python_api.data.class_incremental import ClassIncrementalStream
 from python_api.methods.glfc import GLFCConfig, GLFCServer
@@ -40,8 +40,11 @@ def test_reference_groups_and_join_counts(tmp_path):
 
 
 def test_lga_rule_lets_t20_run():
-    cfg = load_config(GLFCConfig, "glfc-cifar100-t20")
+    cfg = load_config(GLFCConfig, "glfc-cifar100-t20", ["client.client_class_fraction=0.6",
+                                                        "federated.new_clients_per_task=10"])
     assert cfg.classes_per_client_for(5) == 3 and cfg.federated.new_clients_per_task == 10
+    with pytest.raises(ConfigError, match="client.classes_per_client=6 exceeds the task size 5"):
+        load_config(GLFCConfig, "glfc-cifar100-t20", ["client.classes_per_client=6"]).classes_per_client_for(5)
 
 
 def _fake_ctx(num_classes=4, task_size=2, per_class=6, threshold=1.2, memory=12, classes_per_client=2):
@@ -57,7 +60,6 @@ def _fake_ctx(num_classes=4, task_size=2, per_class=6, threshold=1.2, memory=12,
                            aug=DeviceAugment((0, 0, 0), (1, 1, 1), crop_padding=0, hflip=False),
                            class_indices=[torch.nonzero(labels == c).flatten() for c in range(num_classes)],
                            classes_per_client=classes_per_client)
-    ctx.features = lambda model, idx, train_mode: model.features(ctx.aug.test(train.images[idx]))
     return ctx
 
 

@@ -25,7 +25,7 @@ def test_reference_presets_follow_the_protocol():
         assert cfg.federated.num_tasks == T and cfg.federated.rounds_per_task == 10
         assert cfg.client.lr == 2.0 and cfg.client.local_epochs == 20 and cfg.client.batch_size == 128
         assert cfg.client.lr_schedule == "legacy_per_round" and cfg.client.memory_size == 2000
-        assert cfg.classes_per_client_for(task_size) == (3 if T == 20 else 6)
+        assert cfg.classes_per_client_for(task_size) == min(6, task_size)   # the GLFC code's rule (T=20: capped)
         assert cfg.proxy.monitor_transform == "train_aug" and not cfg.proxy.best_perf_reset_per_task
 
 

@@ -2,14 +2,16 @@
 
 Messages it handles (payload keys):
   "train"   {round, task, group, num_classes, global_state, old_models: [snap1|None, snap2|None]}
-            -> "update" {state, num_samples, signal, loss, proto_grads [K,P] | None, (audit_*)}
+            -> "update" {state, num_samples, signal, loss, proto_grads [K,P] | None, old_model_id}
+               (+ audit_prototypes / audit_originals / audit_labels only with proxy.psnr=true: raw images)
   "refresh" {round, task, group, num_classes, global_state}
             -> "refreshed" {signal}           (entropy pass + maybe exemplar update; no training)
 A snapshot is {"id": int, "num_classes": int, "state": state_dict}. `group` is 0 for S_o clients
 (keep their classes) and 1 otherwise.
 
 State kept between rounds (and checkpointed): class sets, exemplar indices (herding order), the
-previous mean entropy, the last signal, the old model it distils from.
+previous mean entropy, the last signal, the old model it distils from. Every pass over the client's
+own images (entropy, herding, prototype features, perturbation, encoding) runs here, on the client.
 """
 from __future__ import annotations
 
@@ -24,7 +26,13 @@ from python_api.data import iterate_batches
 from python_api.messages import Message
 from python_api.methods.glfc import privacy
 
-__all__ = ["GLFCClient", "lr_for_epoch", "herding_selection", "choose_old_model"]
+__all__ = ["GLFCClient", "lr_for_epoch", "herding_selection", "choose_old_model", "UPDATE_KEYS", "REFRESHED_KEYS",
+           "AUDIT_KEYS"]
+
+# What a client may send (the privacy audit test checks every reply against these lists).
+UPDATE_KEYS = frozenset({"state", "num_samples", "signal", "loss", "proto_grads", "old_model_id"})
+REFRESHED_KEYS = frozenset({"signal"})
+AUDIT_KEYS = frozenset({"audit_prototypes", "audit_originals", "audit_labels"})   # only with proxy.psnr=true
 
 
 def lr_for_epoch(cfg_client, round_idx: int, rounds_per_task: int, epoch: int) -> list:
@@ -174,11 +182,30 @@ class GLFCClient:
             self.learned_classes = self.learned_classes + list(new_classes)
             m = int(self.ctx.cfg.client.memory_size / self.learned_numclass)
             self.exemplar_sets = [e[:m] for e in self.exemplar_sets]
+            # The reference's entropy pass ends with model.train() (GLFC.py:185), so its herding
+            # features use BN batch statistics; herding_train_mode=false is the eval-mode fix.
             for c in new_classes:
                 idx = self.ctx.class_indices[c]
-                feats = self.ctx.features(model, idx, train_mode=False)
+                feats = self.class_features(model, idx, train_mode=self.ctx.cfg.client.herding_train_mode)
                 self.exemplar_sets.append(idx[herding_selection(feats, m).to(idx.device)])
         model.train()
+
+    @torch.no_grad()
+    def class_features(self, model, idx: torch.Tensor, train_mode: bool) -> torch.Tensor:
+        """Backbone features of this client's training images `idx` with the test transform (herding and
+        prototypes, GLFC.py:265-275). train_mode=True runs the whole set as ONE batch in train mode, as
+        the reference does (BN batch statistics; the running statistics move too)."""
+        ctx = self.ctx
+        was_training = model.training
+        if train_mode:
+            model.train()
+            out = model.features(ctx.aug.test(ctx.train.images[idx]))
+        else:
+            model.eval()
+            out = torch.cat([model.features(ctx.aug.test(ctx.train.images[idx[b]]))
+                             for b in iterate_batches(len(idx), ctx.cfg.client.eval_batch_size, False, ctx.device)])
+        model.train(was_training)
+        return out
 
     # ---- local training ---------------------------------------------------------------
     def train_indices(self):
@@ -250,7 +277,7 @@ class GLFCClient:
         protos, feat_var = [], []
         for c in self.current_class:
             idx = ctx.class_indices[c]
-            feats = F.normalize(ctx.features(model, idx, train_mode=cfg.prototype_train_mode).double(), dim=1)
+            feats = F.normalize(self.class_features(model, idx, train_mode=cfg.prototype_train_mode).double(), dim=1)
             mu = feats.mean(0)
             protos.append(idx[int(torch.linalg.vector_norm(mu - feats, dim=1).argmin())])
             feat_var.append(feats.var(0, unbiased=True) if len(idx) > 1 else torch.zeros_like(mu))
@@ -260,7 +287,7 @@ class GLFCClient:
         x = self.perturb(model, x0, labels, num_classes, torch.stack(feat_var).float())
         grads = privacy.encode(ctx.encoder, x.detach(), labels)
         out = {"proto_grads": grads.detach()}
-        if ctx.cfg.proxy.psnr:   # audit only: lets the run measure how well the proxy recovers them
+        if ctx.cfg.proxy.psnr:   # opt-in audit, NOT the method: raw prototypes leave the client (the run says so)
             out["audit_prototypes"] = x.detach().clamp(0, 1)
             out["audit_originals"] = x0
             out["audit_labels"] = labels

@@ -5,9 +5,10 @@
     labels = recover(encoder, grads)                    # iDLG rule on the fc-weight gradient
     iterates = reconstruct(encoder, grads, labels, proxy_cfg)   # [K, keep_last, C, H, W]
 
-Every party rebuilds the same encoder from `seed` (the reference shares one object, spec §1.6-3).
+Every party rebuilds the same encoder from `seed` (the reference shares one object, spec §1.6-3);
+the weights are the same whether fcl_ext.reconstruct is available or not (`lenet_init_`).
 When this build of fcl_ext has no `reconstruct` module yet, a plain-PyTorch fallback with the
-reference's semantics is used (sequential L-BFGS per problem, slow but equivalent).
+reference's semantics is used (sequential torch.optim.LBFGS per problem, slow but equivalent).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ try:  # issue 5; the trainer also runs before it lands
 except Exception:  # pragma: no cover - depends on the build
     _fx_reconstruct = None
 
-__all__ = ["build_encoder", "encode", "recover", "reconstruct", "HAVE_FCL_EXT_RECONSTRUCT"]
+__all__ = ["build_encoder", "encode", "recover", "reconstruct", "lenet_init_", "HAVE_FCL_EXT_RECONSTRUCT"]
 
 HAVE_FCL_EXT_RECONSTRUCT = _fx_reconstruct is not None
 _warned: list = []
@@ -40,25 +41,31 @@ class _FallbackLeNet(nn.Module):
             nn.Conv2d(12, 12, 5, stride=1, padding=2), nn.Sigmoid())
         side = math.ceil(math.ceil(image_size / 2) / 2)
         self.fc = nn.Linear(12 * side * side, num_classes)
-        for p in self.parameters():
-            nn.init.uniform_(p, -0.5, 0.5)
+        lenet_init_(self, 0)
 
     def forward(self, x):
         return self.fc(self.body(x).flatten(1))
 
 
+@torch.no_grad()
+def lenet_init_(encoder: nn.Module, seed: int) -> nn.Module:
+    """U(-0.5, 0.5) for every weight and bias (myNetwork.py:55-65), drawn in parameters() order from
+    a private generator seeded with `seed` (float64 draws, then cast): one rule for every build, and
+    the run's global RNG streams are not touched."""
+    gen = torch.Generator().manual_seed(int(seed))
+    for p in encoder.parameters():
+        p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64).sub_(0.5).to(p.dtype))
+    return encoder
+
+
 def build_encoder(in_channels: int, image_size: int, num_classes: int, seed: int, device) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if _fx_reconstruct is not None:
-            try:
-                enc = _fx_reconstruct.LeNetEncoder(in_channels=in_channels, image_size=image_size,
-                                                   num_classes=num_classes, seed=seed)
-            except TypeError:
-                enc = _fx_reconstruct.LeNetEncoder(in_channels=in_channels, image_size=image_size,
-                                                   num_classes=num_classes)
-        else:
-            enc = _FallbackLeNet(in_channels, image_size, num_classes)
+    """The fixed random LeNet; same weights with or without fcl_ext.reconstruct (both layouts list
+    conv1 w/b, conv2 w/b, conv3 w/b, fc w/b in parameters() order)."""
+    if _fx_reconstruct is not None:
+        enc = _fx_reconstruct.LeNetEncoder(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+    else:
+        enc = _FallbackLeNet(in_channels, image_size, num_classes)
+    lenet_init_(enc, seed)
     enc = enc.to(device).eval()
     for p in enc.parameters():
         p.requires_grad_(False)
@@ -110,8 +117,10 @@ def reconstruct(encoder, grads: torch.Tensor, labels: torch.Tensor, proxy_cfg, i
     """Gradient matching from N(0,1) starts with L-BFGS -> (iterates [K, keep_last, C, H, W], final loss [K])."""
     kw = dict(steps=proxy_cfg.steps, optimizer=proxy_cfg.optimizer, lr=proxy_cfg.lr, max_iter=proxy_cfg.max_iter,
               history_size=proxy_cfg.history_size, keep_last=proxy_cfg.keep_last)
+    tolerances = dict(tolerance_grad=proxy_cfg.tolerance_grad, tolerance_change=proxy_cfg.tolerance_change)
     if _fx_reconstruct is not None:
-        out = _fx_reconstruct.reconstruct_from_gradients(encoder, grads, labels, **kw)
+        out = _fx_reconstruct.reconstruct_from_gradients(encoder, grads, labels, **kw, **tolerances,
+                                                         rollback_nonfinite=proxy_cfg.nonfinite_rollback)
         if hasattr(out, "images"):          # ReconstructionResult
             return out.images, out.losses
         return out[0], out[1]
@@ -126,7 +135,7 @@ def reconstruct(encoder, grads: torch.Tensor, labels: torch.Tensor, proxy_cfg, i
         for k in range(grads.shape[0]):
             x = torch.randn(1, *image_shape, device=grads.device, requires_grad=True)
             opt = torch.optim.LBFGS([x], lr=proxy_cfg.lr, max_iter=proxy_cfg.max_iter,
-                                    history_size=proxy_cfg.history_size)
+                                    history_size=proxy_cfg.history_size, **tolerances)
             target, y = grads[k], labels[k:k + 1]
 
             def closure():
@@ -136,8 +145,18 @@ def reconstruct(encoder, grads: torch.Tensor, labels: torch.Tensor, proxy_cfg, i
                 return loss
             kept = []
             loss = torch.tensor(float("nan"))
+            best_loss, best_x, stopped = math.inf, x.detach().clone(), False
             for step in range(proxy_cfg.steps):
-                loss = opt.step(closure)
+                if not stopped:
+                    start = x.detach().clone()
+                    loss = opt.step(closure).detach()   # the loss at the step's start point
+                    finite = bool(torch.isfinite(loss))
+                    if finite and float(loss) < best_loss:
+                        best_loss, best_x = float(loss), start
+                    if not finite and proxy_cfg.nonfinite_rollback:   # a named fix, not in the reference
+                        with torch.no_grad():
+                            x.copy_(best_x)
+                        stopped = True
                 if step >= proxy_cfg.steps - keep:
                     kept.append(x.detach()[0].clone())
             all_iterates.append(torch.stack(kept))

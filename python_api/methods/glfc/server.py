@@ -10,12 +10,14 @@ import contextlib
 import copy
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from python_api.config import ConfigError
 from python_api.data import ClassIncrementalStream, DeviceAugment, iterate_batches, load_dataset
 from python_api.messages import Message
 from python_api.metrics import (average_incremental_accuracy, backward_transfer, forgetting, pycil_line,
@@ -26,7 +28,15 @@ from python_api.methods.glfc import privacy
 from python_api.methods.glfc.client import GLFCClient
 from python_api.methods.glfc.proxy import ProxyServer
 
-__all__ = ["GLFCServer", "GLFCContext", "fedavg", "resolve_loss"]
+__all__ = ["GLFCServer", "GLFCContext", "fedavg", "resolve_loss", "PSNR_PRIVACY_NOTICE", "TRAIN_KEYS", "REFRESH_KEYS"]
+
+# What the server sends a client (the privacy audit test checks every request against these lists).
+REFRESH_KEYS = frozenset({"round", "task", "group", "num_classes", "global_state"})
+TRAIN_KEYS = REFRESH_KEYS | {"old_models"}
+
+PSNR_PRIVACY_NOTICE = ("proxy.psnr=true: firing clients sent their raw perturbed prototype images (and the "
+                       "unperturbed ones and their labels) to the server to measure reconstruction PSNR; GLFC "
+                       "itself sends only LeNet gradients. Do not use this setting with private data.")
 
 
 def resolve_loss(backend: str):
@@ -73,7 +83,8 @@ def fedavg(states: list, weights=None) -> dict:
 class GLFCContext:
     """What every GLFC party needs and shares read-only in one process: config, device, the decoded
     training set (labels remapped to the class order), augmentation, the task stream, the fixed LeNet
-    encoder, the loss, and scratch models (so clients do not build a ResNet per message)."""
+    encoder, the loss, and scratch models (so clients do not build a ResNet per message). Passes over
+    client images (herding, prototypes) live in GLFCClient, not here."""
 
     def __init__(self, cfg, device, train, stream):
         self.cfg, self.device, self.train, self.stream = cfg, device, train, stream
@@ -83,8 +94,13 @@ class GLFCContext:
         self.image_shape = tuple(train.images.shape[1:])
         self.loss_fn, self.loss_backend = resolve_loss(cfg.client.loss_backend)
         enc_classes = cfg.proxy.encoder_num_classes or stream.num_classes
+        if enc_classes < stream.num_classes:
+            raise ConfigError(f"proxy.encoder_num_classes={enc_classes} is smaller than the dataset's "
+                              f"{stream.num_classes} classes (labels >= {enc_classes} cannot be encoded); "
+                              f"set proxy.encoder_num_classes=null (= the dataset's class count)")
+        self.encoder_seed = cfg.run.seed if cfg.proxy.encoder_seed is None else cfg.proxy.encoder_seed
         self.encoder = privacy.build_encoder(self.image_shape[0], self.image_shape[1], enc_classes,
-                                             cfg.proxy.encoder_seed, device)
+                                             self.encoder_seed, device)
         self.template = None
         self._working: dict = {}
         self._snapshots: dict = {}
@@ -133,22 +149,6 @@ class GLFCContext:
             self._snapshot_models[key] = m
         return self._snapshot_models[key]
 
-    @torch.no_grad()
-    def features(self, model, idx: torch.Tensor, train_mode: bool) -> torch.Tensor:
-        """Backbone features of training images idx with the test transform. train_mode=True runs the
-        whole set as ONE batch in train mode, as the reference does for prototypes (BN batch stats;
-        running stats move)."""
-        was_training = model.training
-        if train_mode:
-            model.train()
-            out = model.features(self.aug.test(self.train.images[idx]))
-        else:
-            model.eval()
-            out = torch.cat([model.features(self.aug.test(self.train.images[idx[b]]))
-                             for b in iterate_batches(len(idx), self.cfg.client.eval_batch_size, False, self.device)])
-        model.train(was_training)
-        return out
-
 
 class GLFCServer:
     def __init__(self, cfg, run_dir, device):
@@ -170,6 +170,8 @@ class GLFCServer:
         self.old_client_1: list = list(range(cfg.federated.initial_clients))   # S_b (task 0: everyone)
         self.new_client: list = []                        # S_n: joined at this task
         self.new_clients_per_task = cfg.federated.new_clients_per_task or ts
+        if cfg.proxy.psnr:
+            print(f"[privacy] {PSNR_PRIVACY_NOTICE}", file=sys.stderr)
 
     # ---- FederatedMethod ---------------------------------------------------------------
     def make_client(self, cid) -> GLFCClient:
@@ -317,8 +319,11 @@ class GLFCServer:
              "pycil": pycil_line(curve),
              "reconstruction_psnr_mean": sum(psnrs) / len(psnrs) if psnrs else None,
              "mean_round_time_s": sum(times) / len(times) if times else None,
-             "loss_backend": self.ctx.loss_backend,
+             "loss_backend": self.ctx.loss_backend, "quirks": self.cfg.quirks,
+             "raw_prototypes_left_clients": bool(self.cfg.proxy.psnr),
              "fcl_ext_reconstruct": privacy.HAVE_FCL_EXT_RECONSTRUCT}
+        if self.cfg.proxy.psnr:
+            s["privacy_notice"] = PSNR_PRIVACY_NOTICE
         s["report"] = self.report_text(s)
         return s
 
@@ -332,6 +337,8 @@ class GLFCServer:
         lines.append(s["pycil"])
         lines.append(f"final accuracy {s['final_accuracy']:.2f}  average incremental accuracy "
                      f"{s['average_incremental_accuracy']:.2f}  forgetting {s['forgetting']:.2f}")
+        if s.get("privacy_notice"):
+            lines.append(f"PRIVACY: {s['privacy_notice']}")
         if s.get("reconstruction_psnr_mean") is not None:
             lines.append(f"proxy reconstruction PSNR (mean) {s['reconstruction_psnr_mean']:.2f} dB")
         return "\n".join(lines)
