@@ -14,6 +14,7 @@ ALGORITHMS = ("fccl", "fedmd", "solo")
 SCENARIOS = ("bundled", "digits", "officehome")
 PUBLIC_SETS = ("bundled", "cifar100", "fashion_mnist", "tiny_imagenet")
 TARGETS = ("reference", "all_current")
+INITS = ("pytorch", "glfc")
 
 
 @dataclass
@@ -31,6 +32,16 @@ def _digits_participants() -> list:
     return [ParticipantConfig("mnist", "resnet10", 1.0, 150, 40), ParticipantConfig("usps", "resnet12", 1.0, 80, 35),
             ParticipantConfig("svhn", "efficientnet_b0", 1.0, 5000, 3),
             ParticipantConfig("syn", "mobilenetv2", 1.0, 1800, 4)]
+
+
+@dataclass
+class FCCLModelConfig:
+    """How every participant's backbone is built (specs/fccl.md 2.2)."""
+    init: str = "pytorch"              # pytorch: the layers' defaults, as the FCCL code (no file under
+                                       # fccl/Network/ touches init); glfc: GLFC's ResNet init, conv
+                                       # N(0, sqrt(2/(k*k*out))) (about 7 points lower intra-domain, issue 16)
+    efficientnet_drop_connect: float = 0.0   # 0: the reference, whose drop-connect is dead code
+                                             # (efficientnet.py:119-124); 0.2: the rate it configures, applied
 
 
 @dataclass
@@ -93,6 +104,7 @@ class FCCLConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: FCCLDataConfig = field(default_factory=FCCLDataConfig)
     participants: list = field(default_factory=_digits_participants)
+    model: FCCLModelConfig = field(default_factory=FCCLModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fccl: FCCLMethodConfig = field(default_factory=FCCLMethodConfig)
 
@@ -113,6 +125,11 @@ class FCCLConfig:
             raise ConfigError(f"fccl.loss_backend: {m.loss_backend!r} is not fcl_ext or reference")
         if m.headline not in ("top1", "top5"):
             raise ConfigError(f"fccl.headline: {m.headline!r} is not top1 or top5")
+        if self.model.init not in INITS:
+            raise ConfigError(f"model.init: {self.model.init!r} is not one of {', '.join(INITS)}")
+        if not 0.0 <= self.model.efficientnet_drop_connect < 1.0:
+            raise ConfigError(f"model.efficientnet_drop_connect: must be in [0, 1), "
+                              f"got {self.model.efficientnet_drop_connect}")
         if d.scenario not in SCENARIOS:
             raise ConfigError(f"data.scenario: {d.scenario!r} is not one of {', '.join(SCENARIOS)}")
         if d.public not in PUBLIC_SETS:

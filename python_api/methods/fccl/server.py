@@ -85,7 +85,8 @@ class FCCLServer:
         p = self.cfg.participants[cid]
         return FCCLParticipant(cid, self.domains[cid], p.backbone, width=p.width, local_epochs=p.local_epochs,
                                method=self.cfg.fccl, test_sets=self.domains, pretrain=self.cfg.pretrain,
-                               pretrain_data=self.pretrain_sets[cid], device=self.device, seed=self.cfg.run.seed)
+                               pretrain_data=self.pretrain_sets[cid], device=self.device, seed=self.cfg.run.seed,
+                               model=self.cfg.model)
 
     def _evaluate(self, transport, model: str = "net") -> dict:
         replies = transport.send([Message("evaluate", {"model": model, "top_k": self.cfg.fccl.top_k,
