@@ -50,6 +50,8 @@ class FCCLDataConfig:
     root: str = "data"                 # where the dataset files live (see python_api/data/domains.py)
     image_size: int = 32               # every private and public image is resized once to this size
     subset_seed: int = 42              # np.random.seed(42) of the CVPR code for the private subsets
+    test_split_seed: int = 0           # the held-out test split (Office-Home 30 % per class; the bundled partition)
+                                       # depends on this alone, never on a training seed
     public: str = "cifar100"           # cifar100 | fashion_mnist | tiny_imagenet | bundled (the bundled scenario's split)
     public_size: int = 5000            # random subset of the public training split
     public_batch_size: int = 512
