@@ -96,7 +96,8 @@ class FCCLMethodConfig:
     loss_backend: str = "fcl_ext"      # fcl_ext (fused ops) | reference (pure PyTorch twins)
     evaluate_solo: bool = True         # also report the pretrained-only models (the SOLO baseline, spec 1.5)
     top_k: int = 5                     # top-k reported besides top-1 (Office-Home's headline is top-5)
-    headline: str = "top1"             # top1 (Digits) | top5 (Office-Home): which accuracy the summary leads with
+    headline: str = "auto"             # which accuracy the summary, table and plots lead with: auto = the reference's
+                                       # rule (utils_idea.py:86-111): top1 on Digits (and bundled), top5 otherwise
 
 
 @dataclass
@@ -105,7 +106,7 @@ class FCCLConfig:
     method: str = "fccl"
     run: RunConfig = field(default_factory=RunConfig)
     data: FCCLDataConfig = field(default_factory=FCCLDataConfig)
-    participants: list = field(default_factory=_digits_participants)
+    participants: list[ParticipantConfig] = field(default_factory=_digits_participants)
     model: FCCLModelConfig = field(default_factory=FCCLModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fccl: FCCLMethodConfig = field(default_factory=FCCLMethodConfig)
@@ -114,8 +115,15 @@ class FCCLConfig:
         # YAML gives plain dicts for the participant list; turn them into ParticipantConfig.
         from python_api.config import from_dict
         self.participants = [p if isinstance(p, ParticipantConfig) else
-                             from_dict(ParticipantConfig, p, prefix=f"participants[{i}].")
+                             from_dict(ParticipantConfig, p, prefix=f"participants.{i}.")
                              for i, p in enumerate(self.participants)]
+
+    def headline_metric(self) -> str:
+        """"top1" or "top{k}": fccl.headline resolved for the scenario (auto: top-1 on Digits, top-5 otherwise)."""
+        headline = self.fccl.headline
+        if headline == "auto":
+            headline = "top1" if self.data.scenario in ("digits", "bundled") else "top5"
+        return "top1" if headline == "top1" else f"top{self.fccl.top_k}"
 
     def validate(self) -> None:
         m, d = self.fccl, self.data
@@ -125,8 +133,10 @@ class FCCLConfig:
             raise ConfigError(f"fccl.target: {m.target!r} is not one of {', '.join(TARGETS)}")
         if m.loss_backend not in ("fcl_ext", "reference"):
             raise ConfigError(f"fccl.loss_backend: {m.loss_backend!r} is not fcl_ext or reference")
-        if m.headline not in ("top1", "top5"):
-            raise ConfigError(f"fccl.headline: {m.headline!r} is not top1 or top5")
+        if m.headline not in ("auto", "top1", "top5"):
+            raise ConfigError(f"fccl.headline: {m.headline!r} is not auto, top1 or top5")
+        if m.top_k < 1:
+            raise ConfigError(f"fccl.top_k: must be at least 1, got {m.top_k}")
         if self.model.init not in INITS:
             raise ConfigError(f"model.init: {self.model.init!r} is not one of {', '.join(INITS)}")
         if not 0.0 <= self.model.efficientnet_drop_connect < 1.0:
@@ -144,4 +154,4 @@ class FCCLConfig:
             raise ConfigError("data.public_batch_size: the batch standardisation needs at least 2 images")
         for i, p in enumerate(self.participants):
             if p.local_epochs < 0:
-                raise ConfigError(f"participants[{i}].local_epochs: must be >= 0")
+                raise ConfigError(f"participants.{i}.local_epochs: must be >= 0")

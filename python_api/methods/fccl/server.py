@@ -195,7 +195,7 @@ class FCCLServer:
     def summary(self, records: list) -> dict:
         k, m = self.cfg.fccl.top_k, self.cfg.fccl
         domains = [p.domain for p in self.cfg.participants]
-        headline = "top1" if m.headline == "top1" else f"top{k}"
+        headline = self.cfg.headline_metric()
         out = {"algorithm": m.algorithm, "participants": self.names, "domains": domains,
                "test_domains": [t.name for t in self.test_sets],
                "rounds_completed": len(records), "headline": headline}
@@ -218,7 +218,7 @@ class FCCLServer:
             out["final_accuracy"] = out["intra"]["mean"]
             out["total_time_s"] = sum(r["round_time_s"] for r in records)
         if self.solo is not None:
-            key = "top1" if m.headline == "top1" else "topk"
+            key = "top1" if headline == "top1" else "topk"
             s = self.solo[key]
             out["solo"] = {"intra": {"per_participant": s["intra"], "mean": s["mean_intra"]},
                            "inter": {"per_participant": s["inter"], "mean": s["mean_inter"]},
@@ -229,7 +229,8 @@ class FCCLServer:
         return out
 
     def round_postfix(self, record: dict) -> dict:
-        return {"intra": f"{record['mean_intra_top1']:.1f}", "inter": f"{record['mean_inter_top1']:.1f}"}
+        metric = self.cfg.headline_metric()
+        return {"intra": f"{record[f'mean_intra_{metric}']:.1f}", "inter": f"{record[f'mean_inter_{metric}']:.1f}"}
 
     def write_plots(self, plot_dir, records: list, summary: dict) -> list:
         from python_api.methods.fccl.plots import write_fccl_plots
