@@ -79,7 +79,8 @@ class FCCLMethodConfig:
     algorithm: str = "fccl"            # fccl | fedmd (L1 to the mean logits, then CE) | solo (private CE only)
     rounds: int = 40
     target: str = "reference"          # reference: mean(others' current, own previous-round model);
-                                       # all_current: mean of every participant's current logits (FCCL+)
+                                       # all_current: mean of every participant's current logits, FCCL+'s
+                                       # target only (FCCL+'s other parts are not implemented)
     off_diag_weight: float = 0.0051    # lambda
     off_diag_target: float = -1.0      # the reference pushes off-diagonals to -1; 0 = Barlow Twins
     unbiased_std: bool = True          # torch.std (B-1), as the reference
