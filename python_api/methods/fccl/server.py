@@ -78,7 +78,7 @@ class FCCLServer:
         self.pretrain_sets = pretrain_domains(cfg, domains) if cfg.pretrain.subset_seed is not None else domains
         check_splits(self.domains, self.pretrain_sets, public)   # no test image in any training data, ever
         # One test set per distinct domain (participants on one domain share it), in order of appearance.
-        self.own_domains = [p.domain for p in cfg.participants]
+        self.own_domains = [domain.name for domain in self.domains]
         first = {}
         for domain in self.domains:
             first.setdefault(domain.name, domain)
