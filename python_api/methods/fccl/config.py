@@ -50,8 +50,8 @@ class FCCLDataConfig:
     root: str = "data"                 # where the dataset files live (see python_api/data/domains.py)
     image_size: int = 32               # every private and public image is resized once to this size
     subset_seed: int = 42              # np.random.seed(42) of the CVPR code for the private subsets
-    test_split_seed: int = 0           # the held-out test split (Office-Home 30 % per class; the bundled partition)
-                                       # depends on this alone, never on a training seed
+    test_split_seed: int = 0           # the held-out test split (Office-Home: 30 % per class; the bundled
+                                       # partition) depends on this alone, never on a training seed
     public: str = "cifar100"           # cifar100 | fashion_mnist | tiny_imagenet | bundled (the bundled scenario's split)
     public_size: int = 5000            # random subset of the public training split
     public_batch_size: int = 512
@@ -97,8 +97,9 @@ class FCCLMethodConfig:
     loss_backend: str = "fcl_ext"      # fcl_ext (fused ops) | reference (pure PyTorch twins)
     evaluate_solo: bool = True         # also report the pretrained-only models (the SOLO baseline, spec 1.5)
     top_k: int = 5                     # top-k reported besides top-1 (Office-Home's headline is top-5)
-    headline: str = "auto"             # which accuracy the summary, table and plots lead with: auto = the reference's
-                                       # rule (utils_idea.py:86-111): top1 on Digits (and bundled), top5 otherwise
+    headline: str = "auto"             # the accuracy the summary, table and plots lead with; auto = the
+                                       # reference's rule (utils_idea.py:86-111): top1 on Digits and bundled,
+                                       # top5 otherwise
 
 
 @dataclass
