@@ -124,7 +124,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (tuple, list) or origin in (tuple, list):
         if isinstance(value, (list, tuple)):
             args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-            items = [_coerce(v, args[0], f"{key}[{i}]") if args else v for i, v in enumerate(value)]
+            # Items of a list of sections are named as overrides address them: participants.1.width
+            items = [_coerce(v, args[0], f"{key}.{i}" if dataclasses.is_dataclass(args[0]) else f"{key}[{i}]")
+                     if args else v for i, v in enumerate(value)]
             return tuple(items) if (tp is tuple or origin is tuple) else list(items)
         raise ConfigError(f"{key}: expected a list, got {value!r}")
     if tp is bool:
@@ -196,27 +198,69 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _list_item_class(tp):
+    """The dataclass D of a `list[D]` annotation, else None."""
+    if typing.get_origin(tp) is list:
+        args = typing.get_args(tp)
+        if args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
+
+
+def _set_path(node_cls, node: dict, parts: list, value: Any, prefix: str, key: str) -> None:
+    """Set node[parts...] = value, checking every step against `node_cls` (did-you-mean on unknown keys).
+
+    A `list[Dataclass]` field (FCCL's participants) takes an index or `*` (every item) as its next part:
+    `participants.1.local_epochs=5`, `participants.*.local_epochs=5`."""
+    part, rest = parts[0], parts[1:]
+    fields = {f.name: f for f in dataclasses.fields(node_cls)}
+    if part not in fields:
+        raise _unknown_key_error(node_cls, part, prefix)
+    if not rest:
+        node[part] = value
+        return
+    hint = typing.get_type_hints(node_cls)[part]
+    item_cls = _list_item_class(hint)
+    if item_cls is not None:
+        items = node.get(part)
+        if items is None:   # not in the file: start from the dataclass default
+            f = fields[part]
+            items = to_dict(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        if not isinstance(items, list):
+            raise ConfigError(f"{prefix}{part}: expected a list, got {items!r}")
+        items = [dict(to_dict(item)) if isinstance(item, dict) or dataclasses.is_dataclass(item) else item
+                 for item in items]
+        selector = rest[0]
+        if selector == "*":
+            chosen = range(len(items))
+        elif selector.lstrip("-").isdigit() and 0 <= int(selector) < len(items):
+            chosen = [int(selector)]
+        else:
+            raise ConfigError(f"'{key}': '{prefix}{part}' is a list of {len(items)}; after '{prefix}{part}.' "
+                              f"give an index 0..{len(items) - 1} or '*' (every item), got {selector!r}")
+        if len(rest) < 2:
+            raise ConfigError(f"'{key}': name a key inside the item, e.g. '{prefix}{part}.{selector}."
+                              f"{dataclasses.fields(item_cls)[0].name}=...'")
+        for index in chosen:
+            if not isinstance(items[index], dict):
+                raise ConfigError(f"{prefix}{part}.{index}: expected a mapping, got {items[index]!r}")
+            _set_path(item_cls, items[index], rest[1:], value, f"{prefix}{part}.{index}.", key)
+        node[part] = items
+        return
+    if not dataclasses.is_dataclass(hint):
+        raise ConfigError(f"'{prefix}{part}' is a value, not a section: cannot set '{key}'")
+    child = node.get(part)
+    child = dict(child) if isinstance(child, dict) else {}
+    node[part] = child
+    _set_path(hint, child, rest, value, prefix + part + ".", key)
+
+
 def apply_overrides(cls, data: dict, overrides: Sequence[str]) -> dict:
     """Set dotted keys in a config dict, checking each path against the dataclass `cls`."""
     data = dict(data or {})
     for text in overrides:
         key, value = parse_override(text)
-        parts = key.split(".")
-        node_cls, node, prefix = cls, data, ""
-        for i, part in enumerate(parts):
-            fields = {f.name: f for f in dataclasses.fields(node_cls)}
-            if part not in fields:
-                raise _unknown_key_error(node_cls, part, prefix)
-            if i == len(parts) - 1:
-                node[part] = value
-                break
-            sub_cls = typing.get_type_hints(node_cls)[part]
-            if not dataclasses.is_dataclass(sub_cls):
-                raise ConfigError(f"'{prefix}{part}' is a value, not a section: cannot set '{key}'")
-            child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[part] = child
-            node, node_cls, prefix = child, sub_cls, prefix + part + "."
+        _set_path(cls, data, key.split("."), value, "", key)
     return data
 
 

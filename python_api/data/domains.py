@@ -48,7 +48,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 @dataclass
 class DomainData:
-    """One participant's domain: a private training subset and the domain's test set (uint8 images)."""
+    """One participant's domain: a private training subset and the domain's test set (uint8 images).
+
+    Provenance, for `check_no_test_leak`: `train_index` / `test_index` are the images' indices in the pools
+    named `train_source` / `test_source` (e.g. "mnist/train" and "mnist/test", or "officehome/Art" for both
+    halves of a split domain); None where unknown."""
     name: str
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -57,6 +61,10 @@ class DomainData:
     num_classes: int
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    train_source: Optional[str] = None
+    train_index: Optional[torch.Tensor] = None
+    test_source: Optional[str] = None
+    test_index: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -71,6 +79,37 @@ class PublicData:
     rotation_degrees: float = 15.0
     crop_size: int = 32                 # RandomCrop's output size (images larger than this get cropped to it)
     notes: dict = field(default_factory=dict)
+    source: Optional[str] = None        # the pool the images come from, and their indices in it (provenance)
+    index: Optional[torch.Tensor] = None
+
+
+def _provenance(source: Optional[str], index: Optional[torch.Tensor]) -> set:
+    return set() if source is None or index is None else {(source, int(i)) for i in index.tolist()}
+
+
+def check_no_test_leak(train_sets: Sequence[DomainData], public: Optional[PublicData] = None,
+                       test_sets: Optional[Sequence[DomainData]] = None, what: str = "training") -> None:
+    """Raise ValueError if any training or public image is one of any test set's images.
+
+    Compares (pool, index) pairs, so it holds across participants: participant i is evaluated on every
+    domain's test set (inter accuracy), so no participant may train on an image of any test set. Sets
+    without provenance (built by hand) are skipped."""
+    test_sets = train_sets if test_sets is None else test_sets
+    tested = set()
+    for test in test_sets:
+        tested |= _provenance(test.test_source, test.test_index)
+    if not tested:
+        return
+    for domain in train_sets:
+        leaked = _provenance(domain.train_source, domain.train_index) & tested
+        if leaked:
+            raise ValueError(f"{what} data of domain {domain.name!r} holds {len(leaked)} test image(s) "
+                             f"(first: {sorted(leaked)[0]}); test sets must be disjoint from all training data")
+    if public is not None:
+        leaked = _provenance(public.source, public.index) & tested
+        if leaked:
+            raise ValueError(f"public set {public.name!r} holds {len(leaked)} test image(s) "
+                             f"(first: {sorted(leaked)[0]}); test sets must be disjoint from all training data")
 
 
 def _missing(what: str, where: Path, hint: str) -> FileNotFoundError:
@@ -248,10 +287,13 @@ def load_digits_split(name: str, root, train: bool, size: int = 32) -> tuple[tor
 
 def digits_domain(name: str, root, private_samples: Optional[int], rng: np.random.RandomState,
                   size: int = 32) -> DomainData:
+    """The private subset from the official training split; the test set is the official test split."""
     train_images, train_labels = load_digits_split(name, root, True, size)
     test_images, test_labels = load_digits_split(name, root, False, size)
     keep = torch.from_numpy(subsample(private_samples, len(train_labels), rng))
-    return DomainData(name, train_images[keep], train_labels[keep], test_images, test_labels, 10)
+    return DomainData(name, train_images[keep], train_labels[keep], test_images, test_labels, 10,
+                      train_source=f"{name}/train", train_index=keep,
+                      test_source=f"{name}/test", test_index=torch.arange(len(test_labels)))
 
 
 # ---------------------------------------------------------------- Office-Home (specs/fccl.md 2.2-2.4)
@@ -265,34 +307,41 @@ def office_home_dir(root) -> Path:
 
 
 def office_home_split(labels: np.ndarray, private_samples: Optional[int], rng: np.random.RandomState,
-                      test_fraction: float = 0.3, reference_quirks: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                      test_fraction: float = 0.3, reference_quirks: bool = False,
+                      split_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, test indices) for one Office-Home domain.
 
-    Default: a held-out split, `test_fraction` of every class for testing, and the private subset drawn at
-    random from the rest. `reference_quirks=True` reproduces the CVPR code (spec 2.4): the training subset
-    is the first `private_samples` of the sorted non-test indices (dropping the alphabetically last classes)
-    and the test set is the whole domain, training images included.
+    The test split, `test_fraction` of every class, is drawn from its own stream seeded by `split_seed`
+    alone, so no training seed moves an image into or out of it (the private subset's `rng`, whichever
+    seed drew it, only chooses among the other images). Default: the private subset is a random draw of
+    the rest. `reference_quirks=True` reproduces the CVPR code's class-ordered truncation (spec 2.4): the
+    first `private_samples` of the sorted non-test indices, dropping the alphabetically last classes. The
+    reference's evaluation on the whole domain, training images included, is not reproduced.
     """
+    split_rng = np.random.RandomState(split_seed)
     test = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
-        chosen = rng.permutation(len(members))[: int(len(members) * test_fraction)]
+        chosen = split_rng.permutation(len(members))[: int(len(members) * test_fraction)]
         test.extend(members[chosen].tolist())
     test_set = set(test)
     rest = np.array(sorted(set(range(len(labels))) - test_set), dtype=np.int64)
     if reference_quirks:
         train = rest if private_samples is None else rest[:private_samples]
-        return train, np.arange(len(labels))
-    train = rest[subsample(private_samples, len(rest), rng)]
-    return np.sort(train), np.array(sorted(test_set), dtype=np.int64)
+    else:
+        train = np.sort(rest[subsample(private_samples, len(rest), rng)])
+    return train, np.array(sorted(test_set), dtype=np.int64)
 
 
 def office_home_domain(name: str, root, private_samples: Optional[int], rng: np.random.RandomState,
-                       size: int = 32, reference_quirks: bool = False) -> DomainData:
+                       size: int = 32, reference_quirks: bool = False, split_seed: int = 0) -> DomainData:
     images, labels, classes = load_image_folder(office_home_dir(root) / name, size)
-    train, test = office_home_split(labels.numpy(), private_samples, rng, reference_quirks=reference_quirks)
+    train, test = office_home_split(labels.numpy(), private_samples, rng, reference_quirks=reference_quirks,
+                                    split_seed=split_seed)
     train_t, test_t = torch.from_numpy(train), torch.from_numpy(test)
-    return DomainData(name, images[train_t], labels[train_t], images[test_t], labels[test_t], len(classes))
+    source = f"officehome/{name}"
+    return DomainData(name, images[train_t], labels[train_t], images[test_t], labels[test_t], len(classes),
+                      train_source=source, train_index=train_t, test_source=source, test_index=test_t)
 
 
 # ---------------------------------------------------------------- public data (specs/fccl.md 2.3)
@@ -315,17 +364,18 @@ def public_dataset(name: str, root, size: int, rng: np.random.RandomState, image
         images = load_cifar100_train(root)
         keep = torch.from_numpy(subsample(size, len(images), rng))
         return PublicData(name, resize_uint8(images[keep], image_size), CIFAR100_MEAN, CIFAR100_STD,
-                          crop_size=image_size)
+                          crop_size=image_size, source="cifar100/train", index=keep)
     if name == "fashion_mnist":
         images, _ = load_idx_pair(root, "FashionMNIST", True)
         keep = torch.from_numpy(subsample(size, len(images), rng))
         return PublicData(name, to_three_channels(resize_uint8(images[keep], image_size)), IMAGENET_MEAN,
-                          IMAGENET_STD, crop_size=image_size)
+                          IMAGENET_STD, crop_size=image_size, source="fashion_mnist/train", index=keep)
     if name == "tiny_imagenet":
         samples, _ = image_folder_files(Path(root) / "tiny-imagenet-200" / "train")
         chosen = subsample(size, len(samples), rng)
         images = decode_images([samples[i][0] for i in chosen], None)
-        return PublicData(name, images, IMAGENET_MEAN, IMAGENET_STD, crop_size=image_size)
+        return PublicData(name, images, IMAGENET_MEAN, IMAGENET_STD, crop_size=image_size,
+                          source="tiny_imagenet/train", index=torch.from_numpy(np.asarray(chosen, dtype=np.int64)))
     raise ValueError(f"public.dataset: unknown public set {name!r}; expected cifar100, fashion_mnist, "
                      "tiny_imagenet or bundled")
 
@@ -393,12 +443,15 @@ def bundled_digit_domains(image_size: int = 16, train_per_domain: int = 100, tes
         public_images[rows] = _digit_styles(base[public_index[rows]], style, generator)
     public = PublicData("bundled", as_uint8(public_images), BUNDLED_MEAN, BUNDLED_STD, crop_padding=2,
                         hflip=False, rotation_degrees=10.0, crop_size=image_size,
-                        notes={"source": "sklearn digits, mixed styles"})
+                        notes={"source": "sklearn digits, mixed styles"}, source="sklearn_digits",
+                        index=public_index.clone())
     result = []
     for d, style in enumerate(domains):
         chunk = order[public_size + d * per_domain: public_size + (d + 1) * per_domain]
         images = as_uint8(_digit_styles(base[chunk], style, generator))
         train, test = slice(0, train_per_domain), slice(train_per_domain, train_per_domain + test_count)
         result.append(DomainData(style, images[train], labels[chunk][train], images[test], labels[chunk][test], 10,
-                                 BUNDLED_MEAN, BUNDLED_STD))
+                                 BUNDLED_MEAN, BUNDLED_STD, train_source="sklearn_digits",
+                                 train_index=chunk[train].clone(), test_source="sklearn_digits",
+                                 test_index=chunk[test].clone()))
     return result, public

@@ -1,7 +1,9 @@
 """Model registry: `build_model(name, num_classes, **kw)`.
 
 Built in: resnet10, resnet12, resnet18, resnet34 (CIFAR-style, `width=` option; num_classes=None
-gives a feature extractor with `.features(x)` and `.feature_dim`). Other modules add theirs:
+gives a feature extractor with `.features(x)` and `.feature_dim`). Every builder takes `init=` (see
+models/init.py): ResNets default to GLFC's init, the FCCL-only backbones (efficientnet_b0, mobilenetv2,
+googlenet) to PyTorch's; FCCL passes its `model.init` explicitly. Other modules add theirs:
 
     register_model("mobilenetv2", build_mobilenetv2)    # builder(num_classes=..., **kw) -> nn.Module
 """

@@ -1,6 +1,10 @@
 """EfficientNet-B0, CIFAR variant (specs/fccl.md 2.2): 3x3 stride-1 stem, MBConv blocks with
-squeeze-excitation (ratio 0.25 of the block input), swish, drop-connect 0.2 scaled by block depth,
-dropout 0.2 before the classifier, no 1280-channel head convolution.
+squeeze-excitation (ratio 0.25 of the block input), swish, dropout 0.2 before the classifier, no
+1280-channel head convolution.
+
+Drop-connect is off by default, as in the official code: it configures a rate of 0.2 scaled by block
+depth, but the depth counter is never incremented (fccl/Network/efficientnet.py:119-124, same in fccl+),
+so every block's rate is 0. `drop_connect_rate=0.2` turns on the intended schedule.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from python_api.models import register_model
+from python_api.models.init import apply_init
 
 # (expansion, out_channels, blocks, kernel, first stride) per stage.
 STAGES = ((1, 16, 1, 3, 1), (6, 24, 2, 3, 2), (6, 40, 2, 5, 2), (6, 80, 3, 3, 2), (6, 112, 3, 5, 1),
@@ -60,7 +65,7 @@ class MBConv(nn.Module):
 
 class EfficientNetB0(nn.Module):
     def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
-                 dropout: float = 0.2, drop_connect_rate: float = 0.2):
+                 dropout: float = 0.2, drop_connect_rate: float = 0.0, init: str = "pytorch"):
         super().__init__()
 
         def scaled(channels: int) -> int:
@@ -80,6 +85,7 @@ class EfficientNetB0(nn.Module):
         self.feature_dim = channels
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(channels, num_classes)
+        apply_init(self, init)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1)
@@ -88,8 +94,9 @@ class EfficientNetB0(nn.Module):
         return self.classifier(self.dropout(self.features(x)))
 
 
-def efficientnet_b0(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> EfficientNetB0:
-    return EfficientNetB0(num_classes, width, in_channels)
+def efficientnet_b0(num_classes: int = 10, width: float = 1.0, in_channels: int = 3, init: str = "pytorch",
+                    drop_connect_rate: float = 0.0) -> EfficientNetB0:
+    return EfficientNetB0(num_classes, width, in_channels, drop_connect_rate=drop_connect_rate, init=init)
 
 
 register_model("efficientnet_b0", efficientnet_b0)

@@ -8,6 +8,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from python_api.models import register_model
+from python_api.models.init import apply_init
 
 # (in, 1x1, 3x3 reduce, 3x3, double-3x3 reduce, double-3x3, pool projection); None marks a max-pool.
 INCEPTIONS = (
@@ -39,7 +40,7 @@ class Inception(nn.Module):
 
 
 class GoogLeNet(nn.Module):
-    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3, init: str = "pytorch"):
         super().__init__()
 
         def scaled(channels: int) -> int:
@@ -58,6 +59,7 @@ class GoogLeNet(nn.Module):
         self.inceptions = nn.Sequential(*layers)
         self.feature_dim = channels
         self.classifier = nn.Linear(channels, num_classes)
+        apply_init(self, init)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.inceptions(self.stem(x)), 1), 1)
@@ -66,8 +68,8 @@ class GoogLeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def googlenet(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> GoogLeNet:
-    return GoogLeNet(num_classes, width, in_channels)
+def googlenet(num_classes: int = 10, width: float = 1.0, in_channels: int = 3, init: str = "pytorch") -> GoogLeNet:
+    return GoogLeNet(num_classes, width, in_channels, init)
 
 
 register_model("googlenet", googlenet)

@@ -10,6 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from python_api.models import register_model
+from python_api.models.init import apply_init
 
 # (expansion, out_channels, blocks, first stride) per stage; stage 2 uses stride 1 for 32x32 inputs.
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -43,7 +44,7 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 3, init: str = "pytorch"):
         super().__init__()
         stem = _scaled(32, width)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem),
@@ -60,6 +61,7 @@ class MobileNetV2(nn.Module):
                                   nn.ReLU(inplace=True))
         self.feature_dim = head
         self.classifier = nn.Linear(head, num_classes)
+        apply_init(self, init)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.head(self.blocks(self.stem(x)))
@@ -69,8 +71,8 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.features(x))
 
 
-def mobilenetv2(num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> MobileNetV2:
-    return MobileNetV2(num_classes, width, in_channels)
+def mobilenetv2(num_classes: int = 10, width: float = 1.0, in_channels: int = 3, init: str = "pytorch") -> MobileNetV2:
+    return MobileNetV2(num_classes, width, in_channels, init)
 
 
 register_model("mobilenetv2", mobilenetv2)

@@ -3,21 +3,24 @@
 GLFC's backbone is the ResNet-18 of its reference (spec §1.1): BasicBlock [2,2,2,2], widths
 64/128/256/512, conv init N(0, sqrt(2/(k·k·out))), BN γ=1 β=0, global average pooling (= the
 reference's AvgPool2d(4) on 32×32 inputs, and works for any input size). The reference's CBAM modules
-are never called, so they are left out.
+are never called, so they are left out. FCCL's ResNets are the same networks with PyTorch's default
+init (`init="pytorch"`, python_api/models/init.py); GLFC's init stays the default here.
 
     net = ResNetCIFAR([2, 2, 2, 2], num_classes=100)        # logits
     net = ResNetCIFAR([2, 2, 2, 2], num_classes=None)       # feature extractor: forward -> [N, 512]
     net.features(x), net.feature_dim
     resnet18(num_classes=10, width=16)                      # narrow variant: widths 16/32/64/128
+    resnet10(num_classes=10, init="pytorch")                # FCCL's init (the layers' defaults)
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from python_api.models.init import apply_init
 
 __all__ = ["BasicBlock", "ResNetCIFAR", "resnet10", "resnet12", "resnet18", "resnet34", "BLOCK_COUNTS"]
 
@@ -49,7 +52,7 @@ class BasicBlock(nn.Module):
 
 class ResNetCIFAR(nn.Module):
     def __init__(self, block_counts: Sequence[int] = (2, 2, 2, 2), num_classes: Optional[int] = None,
-                 width: int = 64, in_channels: int = 3):
+                 width: int = 64, in_channels: int = 3, init: str = "glfc"):
         super().__init__()
         widths = [width, 2 * width, 4 * width, 8 * width]
         self.conv1 = conv3x3(in_channels, width)
@@ -64,13 +67,7 @@ class ResNetCIFAR(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.feature_dim = cin
         self.fc = nn.Linear(cin, num_classes) if num_classes else None
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / n))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
+        apply_init(self, init)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -83,8 +80,10 @@ class ResNetCIFAR(nn.Module):
 
 
 def _builder(depth: int):
-    def build(num_classes: Optional[int] = None, width: int = 64, in_channels: int = 3, **_ignored) -> ResNetCIFAR:
-        return ResNetCIFAR(BLOCK_COUNTS[depth], num_classes=num_classes, width=width, in_channels=in_channels)
+    def build(num_classes: Optional[int] = None, width: int = 64, in_channels: int = 3, init: str = "glfc",
+              **_ignored) -> ResNetCIFAR:
+        return ResNetCIFAR(BLOCK_COUNTS[depth], num_classes=num_classes, width=width, in_channels=in_channels,
+                           init=init)
     build.__name__ = f"resnet{depth}"
     build.__doc__ = f"CIFAR ResNet-{depth}, BasicBlock {BLOCK_COUNTS[depth]}, widths w/2w/4w/8w."
     return build

@@ -6,12 +6,12 @@
 
 `fccl.algorithm` picks FCCL (default), FedMD (L1 to the mean logits, then CE) or SOLO (private CE only).
 """
-from python_api.methods.fccl.config import FCCLConfig, FCCLDataConfig, FCCLMethodConfig, ParticipantConfig, \
-    PretrainConfig
+from python_api.methods.fccl.config import FCCLConfig, FCCLDataConfig, FCCLMethodConfig, FCCLModelConfig, \
+    ParticipantConfig, PretrainConfig
 from python_api.methods.fccl.participant import FCCLParticipant, collaborative_target
 from python_api.methods.fccl.server import FCCLServer, intra_inter
 
-__all__ = ["FCCLConfig", "FCCLDataConfig", "FCCLMethodConfig", "ParticipantConfig", "PretrainConfig",
+__all__ = ["FCCLConfig", "FCCLDataConfig", "FCCLMethodConfig", "FCCLModelConfig", "ParticipantConfig", "PretrainConfig",
            "FCCLParticipant", "FCCLServer", "collaborative_target", "intra_inter"]
 
 

@@ -14,6 +14,7 @@ ALGORITHMS = ("fccl", "fedmd", "solo")
 SCENARIOS = ("bundled", "digits", "officehome")
 PUBLIC_SETS = ("bundled", "cifar100", "fashion_mnist", "tiny_imagenet")
 TARGETS = ("reference", "all_current")
+INITS = ("pytorch", "glfc")
 
 
 @dataclass
@@ -34,11 +35,23 @@ def _digits_participants() -> list:
 
 
 @dataclass
+class FCCLModelConfig:
+    """How every participant's backbone is built (specs/fccl.md 2.2)."""
+    init: str = "pytorch"              # pytorch: the layers' defaults, as the FCCL code (no file under
+                                       # fccl/Network/ touches init); glfc: GLFC's ResNet init, conv
+                                       # N(0, sqrt(2/(k*k*out))) (about 7 points lower intra-domain, issue 16)
+    efficientnet_drop_connect: float = 0.0   # 0: the reference, whose drop-connect is dead code
+                                             # (efficientnet.py:119-124); 0.2: the rate it configures, applied
+
+
+@dataclass
 class FCCLDataConfig:
     scenario: str = "digits"           # bundled | digits | officehome
     root: str = "data"                 # where the dataset files live (see python_api/data/domains.py)
     image_size: int = 32               # every private and public image is resized once to this size
     subset_seed: int = 42              # np.random.seed(42) of the CVPR code for the private subsets
+    test_split_seed: int = 0           # the held-out test split (Office-Home: 30 % per class; the bundled
+                                       # partition) depends on this alone, never on a training seed
     public: str = "cifar100"           # cifar100 | fashion_mnist | tiny_imagenet | bundled (the bundled scenario's split)
     public_size: int = 5000            # random subset of the public training split
     public_batch_size: int = 512
@@ -66,7 +79,8 @@ class FCCLMethodConfig:
     algorithm: str = "fccl"            # fccl | fedmd (L1 to the mean logits, then CE) | solo (private CE only)
     rounds: int = 40
     target: str = "reference"          # reference: mean(others' current, own previous-round model);
-                                       # all_current: mean of every participant's current logits (FCCL+)
+                                       # all_current: mean of every participant's current logits, FCCL+'s
+                                       # target only (FCCL+'s other parts are not implemented)
     off_diag_weight: float = 0.0051    # lambda
     off_diag_target: float = -1.0      # the reference pushes off-diagonals to -1; 0 = Barlow Twins
     unbiased_std: bool = True          # torch.std (B-1), as the reference
@@ -83,7 +97,9 @@ class FCCLMethodConfig:
     loss_backend: str = "fcl_ext"      # fcl_ext (fused ops) | reference (pure PyTorch twins)
     evaluate_solo: bool = True         # also report the pretrained-only models (the SOLO baseline, spec 1.5)
     top_k: int = 5                     # top-k reported besides top-1 (Office-Home's headline is top-5)
-    headline: str = "top1"             # top1 (Digits) | top5 (Office-Home): which accuracy the summary leads with
+    headline: str = "auto"             # the accuracy the summary, table and plots lead with; auto = the
+                                       # reference's rule (utils_idea.py:86-111): top1 on Digits and bundled,
+                                       # top5 otherwise
 
 
 @dataclass
@@ -92,7 +108,8 @@ class FCCLConfig:
     method: str = "fccl"
     run: RunConfig = field(default_factory=RunConfig)
     data: FCCLDataConfig = field(default_factory=FCCLDataConfig)
-    participants: list = field(default_factory=_digits_participants)
+    participants: list[ParticipantConfig] = field(default_factory=_digits_participants)
+    model: FCCLModelConfig = field(default_factory=FCCLModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fccl: FCCLMethodConfig = field(default_factory=FCCLMethodConfig)
 
@@ -100,8 +117,15 @@ class FCCLConfig:
         # YAML gives plain dicts for the participant list; turn them into ParticipantConfig.
         from python_api.config import from_dict
         self.participants = [p if isinstance(p, ParticipantConfig) else
-                             from_dict(ParticipantConfig, p, prefix=f"participants[{i}].")
+                             from_dict(ParticipantConfig, p, prefix=f"participants.{i}.")
                              for i, p in enumerate(self.participants)]
+
+    def headline_metric(self) -> str:
+        """"top1" or "top{k}": fccl.headline resolved for the scenario (auto: top-1 on Digits, top-5 otherwise)."""
+        headline = self.fccl.headline
+        if headline == "auto":
+            headline = "top1" if self.data.scenario in ("digits", "bundled") else "top5"
+        return "top1" if headline == "top1" else f"top{self.fccl.top_k}"
 
     def validate(self) -> None:
         m, d = self.fccl, self.data
@@ -111,8 +135,15 @@ class FCCLConfig:
             raise ConfigError(f"fccl.target: {m.target!r} is not one of {', '.join(TARGETS)}")
         if m.loss_backend not in ("fcl_ext", "reference"):
             raise ConfigError(f"fccl.loss_backend: {m.loss_backend!r} is not fcl_ext or reference")
-        if m.headline not in ("top1", "top5"):
-            raise ConfigError(f"fccl.headline: {m.headline!r} is not top1 or top5")
+        if m.headline not in ("auto", "top1", "top5"):
+            raise ConfigError(f"fccl.headline: {m.headline!r} is not auto, top1 or top5")
+        if m.top_k < 1:
+            raise ConfigError(f"fccl.top_k: must be at least 1, got {m.top_k}")
+        if self.model.init not in INITS:
+            raise ConfigError(f"model.init: {self.model.init!r} is not one of {', '.join(INITS)}")
+        if not 0.0 <= self.model.efficientnet_drop_connect < 1.0:
+            raise ConfigError(f"model.efficientnet_drop_connect: must be in [0, 1), "
+                              f"got {self.model.efficientnet_drop_connect}")
         if d.scenario not in SCENARIOS:
             raise ConfigError(f"data.scenario: {d.scenario!r} is not one of {', '.join(SCENARIOS)}")
         if d.public not in PUBLIC_SETS:
@@ -125,4 +156,4 @@ class FCCLConfig:
             raise ConfigError("data.public_batch_size: the batch standardisation needs at least 2 images")
         for i, p in enumerate(self.participants):
             if p.local_epochs < 0:
-                raise ConfigError(f"participants[{i}].local_epochs: must be >= 0")
+                raise ConfigError(f"participants.{i}.local_epochs: must be >= 0")

@@ -58,12 +58,32 @@ def collaborative_target(others_sum: torch.Tensor, count: int, own_slot: torch.T
     return (others_sum + own_slot) / count
 
 
-def build_backbone(name: str, num_classes: int, width: float = 1.0) -> torch.nn.Module:
-    """A registered backbone; `width` multiplies the channel counts (ResNets: base width 64 * width)."""
+def build_backbone(name: str, num_classes: int, width: float = 1.0, init: str = "pytorch",
+                   efficientnet_drop_connect: float = 0.0) -> torch.nn.Module:
+    """A registered backbone; `width` multiplies the channel counts (ResNets: base width 64 * width);
+    `init` is model.init (python_api/models/init.py), PyTorch's defaults as the FCCL code."""
     from python_api.models import build_model
     if name.startswith("resnet"):
-        return build_model(name, num_classes=num_classes, width=max(1, int(round(64 * width))))
-    return build_model(name, num_classes=num_classes, width=width)
+        return build_model(name, num_classes=num_classes, width=max(1, int(round(64 * width))), init=init)
+    if name == "efficientnet_b0":
+        return build_model(name, num_classes=num_classes, width=width, init=init,
+                           drop_connect_rate=efficientnet_drop_connect)
+    return build_model(name, num_classes=num_classes, width=width, init=init)
+
+
+def code_digest(backbone: str) -> str:
+    """A digest of the source of the code a pretrained checkpoint depends on: the backbone's module, the
+    init schemes, the participant (pretraining loop) and the data readers. Part of the pretraining cache
+    key, so a change to any of them (an init or drop-connect fix) never reuses a stale checkpoint."""
+    import importlib
+    from python_api.models import _MODELS
+    modules = {_MODELS[backbone].__module__ if backbone in _MODELS else "python_api.models",
+               "python_api.models.init", "python_api.data.domains", "python_api.data.common", __name__}
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        digest.update(name.encode())
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -83,13 +103,18 @@ def _data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
 class FCCLParticipant:
     def __init__(self, index: int, domain: DomainData, backbone: str, *, width: float = 1.0,
                  local_epochs: int = 1, method=None, test_sets: Sequence[DomainData] = (),
-                 pretrain=None, pretrain_data: Optional[DomainData] = None, device="cpu", seed: int = 0):
+                 pretrain=None, pretrain_data: Optional[DomainData] = None, device="cpu", seed: int = 0,
+                 model=None):
         self.index = index
         self.domain = domain
         self.backbone = backbone
         self.width = width
         self.local_epochs = local_epochs
         self.method = method                   # FCCLMethodConfig
+        self.model_cfg = model                 # FCCLModelConfig (None: its defaults, the reference)
+        init = "pytorch" if model is None else model.init
+        drop_connect = 0.0 if model is None else model.efficientnet_drop_connect
+        self.build_options = {"init": init, "efficientnet_drop_connect": drop_connect}
         self.test_sets = list(test_sets) or [domain]
         self.device = torch.device(device)
         self.seed = seed
@@ -97,7 +122,7 @@ class FCCLParticipant:
         self.cross_correlation_loss, self.dual_distillation_loss = loss_functions(method.loss_backend)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1009 + index)
-            self.net = build_backbone(backbone, domain.num_classes, width).to(self.device)
+            self.net = build_backbone(backbone, domain.num_classes, width, **self.build_options).to(self.device)
         self.train_x = normalise(domain.train_images, domain.mean, domain.std).to(self.device)
         self.train_y = domain.train_labels.to(self.device)
         self.pretrain_info: dict = {}
@@ -114,7 +139,8 @@ class FCCLParticipant:
         fields = {"backbone": self.backbone, "width": self.width, "classes": data.num_classes,
                   "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": self.seed,
                   "index": self.index, "data": _data_digest(data.train_images, data.train_labels),
-                  "torch": torch.__version__.split("+")[0], "version": 1}
+                  "torch": torch.__version__.split("+")[0], "version": 2, "code": code_digest(self.backbone),
+                  **self.build_options}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
     def pretrain(self, cfg, data: DomainData) -> None:

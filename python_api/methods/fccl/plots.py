@@ -13,29 +13,33 @@ from python_api.report import plot_curves, plot_matrix  # noqa: E402
 
 
 def write_fccl_plots(plot_dir, records: list, summary: dict, correlations: list, names: list, cfg) -> list:
+    """Curves and the final matrix in the scenario's headline metric (summary["headline"]: top-1 on Digits,
+    top-5 on Office-Home, as the reference reports them)."""
     plot_dir = Path(plot_dir)
     written = []
+    metric = summary.get("headline", "top1")
+    label = f"{metric.replace('top', 'top-')} accuracy (%)"
     if records:
         rounds = [r["round"] + 1 for r in records]
-        curves = {"mean intra": (rounds, [r["mean_intra_top1"] for r in records]),
-                  "mean inter": (rounds, [r["mean_inter_top1"] for r in records])}
+        curves = {"mean intra": (rounds, [r[f"mean_intra_{metric}"] for r in records]),
+                  "mean inter": (rounds, [r[f"mean_inter_{metric}"] for r in records])}
         solo = summary.get("solo")
-        if solo and summary.get("headline") == "top1":
+        if solo and solo.get("metric", "top1") == metric:
             curves["SOLO intra"] = (rounds, [solo["intra"]["mean"]] * len(rounds))
             curves["SOLO inter"] = (rounds, [solo["inter"]["mean"]] * len(rounds))
-        written.append(plot_curves(plot_dir / "accuracy_mean.png", curves, "round", "top-1 accuracy (%)",
+        written.append(plot_curves(plot_dir / "accuracy_mean.png", curves, "round", label,
                                    f"{summary.get('algorithm', 'fccl').upper()}: intra / inter"))
         per = {}
         for i, name in enumerate(names):
             tag = f"p{i}_{cfg.participants[i].domain}".replace(" ", "_")
-            per[f"{name} intra"] = (rounds, [r[f"{tag}_intra_top1"] for r in records])
-            per[f"{name} inter"] = (rounds, [r[f"{tag}_inter_top1"] for r in records])
-        written.append(plot_curves(plot_dir / "accuracy_participants.png", per, "round", "top-1 accuracy (%)",
+            per[f"{name} intra"] = (rounds, [r[f"{tag}_intra_{metric}"] for r in records])
+            per[f"{name} inter"] = (rounds, [r[f"{tag}_inter_{metric}"] for r in records])
+        written.append(plot_curves(plot_dir / "accuracy_participants.png", per, "round", label,
                                    "per participant"))
-        domains = summary.get("domains", [])
-        written.append(plot_matrix(plot_dir / "accuracy_matrix.png", records[-1]["accuracy_top1"],
-                                   "final top-1: participant (row) x test domain (col)", "test domain " +
-                                   " ".join(domains), "participant", vmin=0, vmax=100))
+        domains = summary.get("test_domains", summary.get("domains", []))
+        written.append(plot_matrix(plot_dir / "accuracy_matrix.png", records[-1][f"accuracy_{metric}"],
+                                   f"final {metric.replace('top', 'top-')}: participant (row) x test domain (col)",
+                                   "test domain " + " ".join(domains), "participant", vmin=0, vmax=100))
     for r, matrices in enumerate(correlations):
         written.append(_heatmaps(plot_dir / "cross_correlation" / f"round_{r:03d}.png", matrices, names, r))
     return written

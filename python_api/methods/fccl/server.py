@@ -19,7 +19,7 @@ import torch
 
 from python_api.data.domains import augment_public
 from python_api.messages import Message
-from python_api.methods.fccl.data import build_domains, pretrain_domains
+from python_api.methods.fccl.data import build_domains, check_splits, pretrain_domains
 from python_api.methods.fccl.participant import FCCLParticipant
 from python_api.nonfinite import NonFiniteGuard
 
@@ -37,20 +37,24 @@ def _mean_finite(values: list) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def intra_inter(accuracies: list, key: str) -> dict:
+def intra_inter(accuracies: list, key: str, own_domains: Optional[list] = None) -> dict:
     """accuracies[i][key][domain] -> per-participant intra (own domain) and inter (mean over the others).
 
-    A participant whose evaluation reply is missing (None: it failed or timed out) counts as NaN and
-    is left out of the means.
+    `own_domains[i]` is participant i's domain (default: the i-th test domain). Results are keyed by
+    participant: two participants on one domain share its test set, and neither's inter accuracy counts
+    that domain. A participant whose evaluation reply is missing (None: it failed or timed out) counts as
+    NaN and is left out of the means.
     """
     present = [a for a in accuracies if a is not None]
     names = list(present[0][key].keys()) if present else []
+    own_domains = list(own_domains) if own_domains is not None else names[:len(accuracies)]
     intra, inter, per_domain = [], [], []
     for i, acc in enumerate(accuracies):
         values = [acc[key][n] for n in names] if acc is not None else [float("nan")] * len(names)
         per_domain.append(values)
-        intra.append(values[i] if values else float("nan"))
-        others = [v for j, v in enumerate(values) if j != i]
+        own = own_domains[i] if i < len(own_domains) else None
+        intra.append(values[names.index(own)] if own in names else float("nan"))
+        others = [v for n, v in zip(names, values) if n != own]
         inter.append(sum(others) / len(others) if others else float("nan"))
     return {"intra": intra, "inter": inter, "mean_intra": _mean_finite(intra),
             "mean_inter": _mean_finite(inter), "per_domain": per_domain}
@@ -73,11 +77,19 @@ class FCCLServer:
             domains, public = build_domains(cfg)
         self.domains, self.public = domains, public
         self.pretrain_sets = pretrain_domains(cfg, domains) if cfg.pretrain.subset_seed is not None else domains
+        check_splits(self.domains, self.pretrain_sets, public)   # no test image in any training data, ever
+        # One test set per distinct domain (participants on one domain share it), in order of appearance.
+        self.own_domains = [domain.name for domain in self.domains]
+        first = {}
+        for domain in self.domains:
+            first.setdefault(domain.name, domain)
+        self.test_sets = list(first.values())
         self.num_rounds = cfg.fccl.rounds
         self.ids = list(range(len(cfg.participants)))
         self.names = [f"{p.domain}/{p.backbone}" for p in cfg.participants]
         self.public_generator = torch.Generator().manual_seed(cfg.run.seed * 7 + 3)
-        self.public_images = public.images if public is not None else None
+        # Kept on the device: each public batch is augmented and normalised there (augment_public).
+        self.public_images = public.images.to(self.device) if public is not None else None
         self.solo: Optional[dict] = None            # evaluation of the pretrained models (before round 0)
         self.correlations: list = []                # per round: N x K x K tensor (last public batch)
         self._guard = NonFiniteGuard(cfg.run.on_nonfinite, -1)   # the current round's (run_round sets it)
@@ -86,8 +98,9 @@ class FCCLServer:
     def make_client(self, cid: Hashable) -> FCCLParticipant:
         p = self.cfg.participants[cid]
         return FCCLParticipant(cid, self.domains[cid], p.backbone, width=p.width, local_epochs=p.local_epochs,
-                               method=self.cfg.fccl, test_sets=self.domains, pretrain=self.cfg.pretrain,
-                               pretrain_data=self.pretrain_sets[cid], device=self.device, seed=self.cfg.run.seed)
+                               method=self.cfg.fccl, test_sets=self.test_sets, pretrain=self.cfg.pretrain,
+                               pretrain_data=self.pretrain_sets[cid], device=self.device, seed=self.cfg.run.seed,
+                               model=self.cfg.model)
 
     def _evaluate(self, transport, model: str = "net") -> dict:
         replies = transport.send([Message("evaluate", {"model": model, "top_k": self.cfg.fccl.top_k,
@@ -95,7 +108,8 @@ class FCCLServer:
                                   for i in self.ids], desc=f"evaluate {model}")
         got = {r.src: r.payload for r in replies}  # a failed participant simply has no reply
         accuracies = [got.get(i) for i in self.ids]
-        return {"top1": intra_inter(accuracies, "top1"), "topk": intra_inter(accuracies, "topk")}
+        return {"top1": intra_inter(accuracies, "top1", self.own_domains),
+                "topk": intra_inter(accuracies, "topk", self.own_domains)}
 
     def _public_batches(self) -> list:
         d = self.cfg.data
@@ -115,8 +129,8 @@ class FCCLServer:
         last_logits = None
         for _ in range(m.public_epochs):
             for rows in self._public_batches():
-                images = augment_public(self.public, self.public_images[rows],
-                                        self.public_generator).to(self.device)
+                images = augment_public(self.public, self.public_images[rows.to(self.device)],
+                                        self.public_generator)
                 replies = transport.send([Message("public_logits", {"images": images}, dst=i) for i in self.ids],
                                          desc="public logits")
                 # Replies are matched by sender: a participant that failed or timed out sits this
@@ -189,8 +203,9 @@ class FCCLServer:
     def summary(self, records: list) -> dict:
         k, m = self.cfg.fccl.top_k, self.cfg.fccl
         domains = [p.domain for p in self.cfg.participants]
-        headline = "top1" if m.headline == "top1" else f"top{k}"
+        headline = self.cfg.headline_metric()
         out = {"algorithm": m.algorithm, "participants": self.names, "domains": domains,
+               "test_domains": [t.name for t in self.test_sets],
                "rounds_completed": len(records), "headline": headline}
         if records:
             last = records[-1]
@@ -211,7 +226,7 @@ class FCCLServer:
             out["final_accuracy"] = out["intra"]["mean"]
             out["total_time_s"] = sum(r["round_time_s"] for r in records)
         if self.solo is not None:
-            key = "top1" if m.headline == "top1" else "topk"
+            key = "top1" if headline == "top1" else "topk"
             s = self.solo[key]
             out["solo"] = {"intra": {"per_participant": s["intra"], "mean": s["mean_intra"]},
                            "inter": {"per_participant": s["inter"], "mean": s["mean_inter"]},
@@ -222,7 +237,8 @@ class FCCLServer:
         return out
 
     def round_postfix(self, record: dict) -> dict:
-        return {"intra": f"{record['mean_intra_top1']:.1f}", "inter": f"{record['mean_inter_top1']:.1f}"}
+        metric = self.cfg.headline_metric()
+        return {"intra": f"{record[f'mean_intra_{metric}']:.1f}", "inter": f"{record[f'mean_inter_{metric}']:.1f}"}
 
     def write_plots(self, plot_dir, records: list, summary: dict) -> list:
         from python_api.methods.fccl.plots import write_fccl_plots
