@@ -24,7 +24,7 @@ it alone, and recovers the labels from the gradients (iDLG). Your model must be 
 Run: python examples/privacy_audit.py   (8 digit images, 8x8, CPU, seconds)
 """
 import argparse
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +53,12 @@ def own_model(x: torch.Tensor, y: torch.Tensor, steps: int = 20, seed: int = 0) 
 
 
 def audit(model: LeNetEncoder, x: torch.Tensor, y: torch.Tensor, *, steps: int = 30, max_iter: int = 20,
-          seed: int = 0, leak_db: float = 20.0) -> Dict[str, torch.Tensor]:
-    """Reconstruct every image from its shared gradient; PSNR (dB) per image, and which ones leak."""
+          seed: int = 0, leak_db: float = 20.0, init: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Reconstruct every image from its shared gradient; PSNR (dB) per image, and which ones leak.
+    init: the starting images [K, C, H, W] (default: N(0, 1) drawn from `seed`)."""
     shared = encode_gradients(model, x, y)  # [K, P]: one gradient per image, what would be sent
     result = reconstruct_from_gradients(model, shared, steps=steps, max_iter=max_iter, keep_last=1,
+                                        init="normal" if init is None else init,
                                         generator=torch.Generator().manual_seed(seed))
     rebuilt = result.images[:, -1]
     quality = psnr(rebuilt.clamp(0, 1), x)
