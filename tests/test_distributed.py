@@ -35,7 +35,7 @@ EQUAL_SHARD = 6
 K = 5
 
 
-# ---- lightly's definition, transcribed (lightly >= 1.5.19, lightly-ai/lightly#1806) ----------
+# ---- lightly's definition, transcribed (lightly 1.6: per-view normalisation, lightly-ai/lightly#1806) ----
 
 def lightly_barlow_twins_loss(z_a, z_b, lambda_param=5e-3, gather_distributed=True, group=None):
     """lightly.loss.BarlowTwinsLoss.forward: each view batch-normalised on its own (F.batch_norm,
