@@ -156,6 +156,7 @@ def _worker(rank, port, out_dir, cases):
             res = {name: _run_case(case, rank, group) for name, case in cases[world].items()}
             res["ddp"] = _ddp_case(rank, world, group)
             results[world] = res
+        results["imported_from"] = distributed.__file__  # the parent's copy of fcl_ext, not another install
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -169,6 +170,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def gloo_runs(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch build has no torch.distributed gloo backend")
     """One spawn of 3 processes (process start-up dominates the cost): {world: (cases, [per-rank results])}."""
     out_dir = tmp_path_factory.mktemp("gloo")
     cases = {world: make_cases(world) for world in (2, 3)}
@@ -182,6 +185,7 @@ def gloo_runs(tmp_path_factory):
                     p.kill()
             pytest.fail(f"the 3-process gloo group did not finish within {SPAWN_DEADLINE_S} s")
     per_rank = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(3)]
+    assert all(res["imported_from"] == distributed.__file__ for res in per_rank)
     return {world: (cases[world], [per_rank[r][world] for r in range(world)]) for world in (2, 3)}
 
 

@@ -166,3 +166,31 @@ def test_module_defaults_match_the_functional_defaults():
                        ops.glfc_loss(logits, labels, old_classes, old_logits))
     a, b = make_logits((10, 4), seed=9), make_logits((10, 4), seed=10)
     assert torch.equal(losses.CrossCorrelationLoss()(a, b), ops.cross_correlation_loss(a, b))
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+def compile_cases():
+    logits, labels, old_classes, old_logits = glfc_inputs(torch.float32)
+    logits = logits.detach().requires_grad_(True)
+    a, b = make_logits((16, 8), torch.float32, seed=11), make_logits((16, 8), torch.float32, seed=12)
+    teacher = make_logits((16, 8), torch.float32, seed=13)
+    return [
+        (losses.SoftmaxEntropy(reduction="none", eps=1e-5), (logits,)),
+        (losses.GradientCompensatedBCELoss(), (logits, labels, old_classes)),
+        (losses.RelationDistillationLoss(reduction="sum"), (logits, labels, old_logits)),
+        (losses.GLFCLoss(), (logits, labels, old_classes, old_logits)),
+        (losses.GLFCLoss(reduction="none"), (logits, labels, old_classes, old_logits)),
+        (losses.CrossCorrelationLoss.barlow_twins(), (a.requires_grad_(True), b)),
+        (losses.DualDomainDistillationLoss(), (logits, labels, teacher, teacher)),
+        (losses.DualDomainDistillationLoss(reduction="none"), (logits, labels, teacher)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(compile_cases())))
+def test_modules_compile_without_graph_breaks(case):
+    module, inputs = compile_cases()[case]
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="eager")  # raises on a graph break
+    out, expected = compiled(*inputs), module(*inputs)
+    assert_close(out, expected, torch.float32)
