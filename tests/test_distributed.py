@@ -81,6 +81,7 @@ def make_cases(world):
         "global_fccl": dict(a=a, b=b, sizes=sizes, kwargs=FCCL, grads=(True, False)),
         "global_barlow": dict(a=a, b=b, sizes=sizes, kwargs=BARLOW, grads=(True, True), module=True),
         "global_barlow_f32": dict(a=a.float(), b=b.float(), sizes=sizes, kwargs=BARLOW, grads=(True, True)),
+        "global_fccl_bf16": dict(a=a.bfloat16(), b=b.bfloat16(), sizes=sizes, kwargs=FCCL, grads=(True, True)),
         "global_matrix": dict(a=a, b=b[:, :3], sizes=sizes, kwargs=dict(unbiased=True, eps=0.0), grads=(True, True),
                               matrix=True),
         "local_barlow": dict(a=la, b=lb, sizes=equal, kwargs=dict(BARLOW, batch_stats="local"), grads=(True, True),
@@ -211,7 +212,8 @@ def single_process(case):
     return out.detach(), ref.detach(), torch.autograd.grad(out, inputs, g_out)
 
 
-@pytest.mark.parametrize("name", ["global_fccl", "global_barlow", "global_barlow_f32", "global_matrix",
+@pytest.mark.parametrize("name", ["global_fccl", "global_barlow", "global_barlow_f32", "global_fccl_bf16",
+                                  "global_matrix",
                                   "global_locally_constant"])
 def test_global_stats_equal_the_concatenated_batch(group_run, name):
     world, cases, results = group_run
