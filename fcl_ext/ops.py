@@ -186,13 +186,20 @@ def _check_pair(a, b) -> None:
 
 
 def cross_correlation_matrix(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool = True,
-                             eps: float = 0.0) -> torch.Tensor:
+                             eps: float = 0.0, gather_distributed: bool = False, batch_stats: str = "global",
+                             group=None) -> torch.Tensor:
     """M = a_hat^T b_hat / B, a_hat = (a - mean_B a) / sqrt(var_B a + eps), b_hat likewise.
 
     a [B, Ka], b [B, Kb], B >= 2; var is unbiased (/(B-1)) or biased (/B). Returns [Ka, Kb].
     With eps == 0 a column that is constant over the batch raises (it would give NaN).
     Differentiable in a and b (each only when it requires grad).
+    gather_distributed=True: M of the batch spread over the ranks of `group` when a torch.distributed
+    group is initialised (batch_stats "global" or "local"; see fcl_ext.distributed).
     """
+    if gather_distributed:
+        from fcl_ext import distributed
+        return distributed.cross_correlation_matrix(a, b, unbiased=unbiased, eps=eps, batch_stats=batch_stats,
+                                                    group=group)
     _check_pair(a, b)
     check_nonneg(eps, "eps")
     matrix, _, _ = torch.ops.fcl_ext.cross_correlation_matrix(a, b, bool(unbiased), float(eps))
@@ -200,13 +207,23 @@ def cross_correlation_matrix(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool
 
 
 def cross_correlation_loss(a: torch.Tensor, b: torch.Tensor, *, off_diag_weight: float = 0.0051,
-                           off_diag_target: float = -1.0, unbiased: bool = True, eps: float = 0.0) -> torch.Tensor:
+                           off_diag_target: float = -1.0, unbiased: bool = True, eps: float = 0.0,
+                           gather_distributed: bool = False, batch_stats: str = "global",
+                           group=None) -> torch.Tensor:
     """sum_u (M_uu - 1)^2 + off_diag_weight * sum_{u != v} (M_uv - off_diag_target)^2, M as in
     cross_correlation_matrix (a and b of the same shape [B, K]).
 
     Defaults are FCCL's collaborative loss (unbiased std, no eps, off-diagonals pushed to -1; detach b
     for its target). Barlow Twins: off_diag_target=0, unbiased=False, eps=1e-5.
+    gather_distributed=True: when a torch.distributed group is initialised, M is combined over the
+    ranks of `group`: batch_stats="global" gives the loss of the concatenated batch (official Barlow
+    Twins), "local" lightly's gather_distributed=True loss; see fcl_ext.distributed.
     """
+    if gather_distributed:
+        from fcl_ext import distributed
+        return distributed.cross_correlation_loss(a, b, off_diag_weight=off_diag_weight,
+                                                  off_diag_target=off_diag_target, unbiased=unbiased, eps=eps,
+                                                  batch_stats=batch_stats, group=group)
     _check_pair(a, b)
     if a.shape != b.shape:
         raise ValueError(f"b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
