@@ -11,7 +11,8 @@ BiC+FL in GLFC's tables, LwF/EWC in TARGET's) instead of detecting them by GLFC'
     (LwF, iCaRL and BiC distil from it) and sends it with each train message;
   - a client that moves on to new classes stores exemplars of the classes it leaves (methods with a memory:
     herding under the teacher, `client.memory_size` per client as in GLFC; joint keeps everything).
-Nothing else leaves a client than its model state, its sample count and its loss, plus what a method's
+Every round the unselected clients get a "refresh" (no training) so that, as in GLFC, every client draws
+its classes and updates its memory at each task change. Nothing else leaves a client than its model state, its sample count and its loss, plus what a method's
 own protocol sends (EWC: its Fisher diagonal; iCaRL's NME evaluation: per-class feature sums; BiC: its
 two bias-correction scalars) — each documented in that method's module.
 
@@ -137,13 +138,23 @@ class FCILClient(GLFCClient):
         snap = p.get("teacher")
         return None if snap is None else self.ctx.snapshot_model(self.ctx.snapshot_to_device(snap))
 
-    def on_train(self, p) -> Message:
-        model = self.ctx.load_working_model(p["global_state"], p["num_classes"])
+    def follow_stream(self, p):
+        """GLFC's per-round bookkeeping (every client, selected or not): new classes at a task change,
+        and the memory of the classes left behind. Returns the teacher model (or None)."""
         changed = p["task"] != self.task_id_old
         self.before_train(p["task"], p["group"])
         teacher = self.teacher_model(p)
         if changed and teacher is not None:
             self.update_memory(teacher)
+        return teacher
+
+    def on_refresh(self, p) -> Message:
+        self.follow_stream(p)
+        return Message("refreshed", {})
+
+    def on_train(self, p) -> Message:
+        model = self.ctx.load_working_model(p["global_state"], p["num_classes"])
+        teacher = self.follow_stream(p)
         loss, num_samples = self.local_train(model, p, teacher)
         reply = {"loss": loss, "num_samples": num_samples, **self.after_local_training(model, p, teacher)}
         reply["state"] = self.ctx.clone_state(model)
@@ -252,6 +263,10 @@ class FCILServer(GLFCServer):
         t0 = time.perf_counter()
         replies = transport.send(messages, desc=f"round {r} train")
         t_train = time.perf_counter() - t0
+        # as GLFC's refresh: the other clients follow the stream too (class draw, memory), without training
+        others = [c for c in range(self.num_clients) if c not in selected]
+        transport.send([Message("refresh", {"round": r, "task": task, "group": self.group_of(c), "teacher": self.teacher},
+                                dst=c) for c in others], desc=f"round {r} refresh")
         weights = [rep.payload["num_samples"] for rep in replies] if f.aggregation == "weighted" else None
         self.model.load_state_dict(fedavg([rep.payload["state"] for rep in replies], weights))
         record = {"round": r, "task": task, "classes_seen": num_classes, **self.aggregate_extras(replies)}
