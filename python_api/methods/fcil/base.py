@@ -70,13 +70,6 @@ class FCILClient(GLFCClient):
     `memory_kind`, `after_local_training` and the `on_<kind>` handlers of extra messages."""
     memory_kind = "none"        # none | herding (fixed budget, iCaRL) | all (joint: every past sample)
 
-    def __init__(self, cid, ctx):
-        super().__init__(cid, ctx)
-        self.extra_state: dict = {}
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "extra_state": self.extra_state}
-
     # ---- which data the client holds -------------------------------------------------
     def before_train(self, task: int, group: int) -> None:
         partition = self.ctx.partition

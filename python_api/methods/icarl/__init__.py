@@ -7,7 +7,8 @@ with q = σ(z_old) the previous task's global model's sigmoid outputs on the old
 
 averaged over samples and output units (the reference implementations' mean; GLFC's L_GC reduces the
 same way). Exemplars (Alg. 4-5): when a client leaves classes it herds m = K / (#classes it has learned)
-of each under the previous task's global model (`herding_selection`, GLFC's), K = `client.memory_size`
+of each under the previous task's global model (`herding_selection`: GLFC's reference herding, which does
+not exclude already-picked samples — the same memory GLFC builds), K = `client.memory_size`
 (paper: 2000, GLFC's preset value, per client as in GLFC).
 
 Evaluation reports both classifiers: `accuracy` = the FC head (argmax of the logits, as every method here),
