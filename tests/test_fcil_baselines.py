@@ -192,3 +192,26 @@ def test_bic_resume_reaches_the_same_metrics(tmp_path):
 def test_unknown_partition_is_rejected():
     with pytest.raises(ConfigError, match="data.partition"):
         tiny_baseline_config("lwf", "data.partition=iid")
+
+
+def test_presets_share_glfcs_stream_switch_for_switch():
+    from python_api.config import list_presets, load_config, to_dict
+    from python_api.methods import get_method
+    from python_api.methods.glfc import GLFCConfig
+    pairs = [("demo", "glfc-demo")] + [(f"cifar100-t{T}", f"glfc-cifar100-t{T}") for T in (5, 10, 20)]
+    shared_client = ("local_epochs", "batch_size", "lr", "weight_decay", "lr_schedule", "memory_size",
+                     "classes_per_client", "client_class_fraction", "momentum", "lr_milestones", "lr_divisors")
+    for method in BASELINES:
+        for suffix, glfc in pairs:
+            cfg = load_config(get_method(method).config_cls, f"{method}-{suffix}")
+            ref = to_dict(load_config(GLFCConfig, glfc))
+            got = to_dict(cfg)
+            for section in ("data", "model", "federated"):
+                assert got[section] == ref[section], (method, suffix, section)
+            assert {k: got["client"][k] for k in shared_client} == {k: ref["client"][k] for k in shared_client}
+            assert got["run"]["seed"] == ref["run"]["seed"] and not cfg.proxy.enabled
+        for suffix in ("demo-dirichlet", "cifar100-dirichlet-t5", "cifar100-dirichlet-t10"):
+            cfg = load_config(get_method(method).config_cls, f"{method}-{suffix}")
+            assert cfg.data.partition == "dirichlet" and cfg.data.beta == 0.5
+            assert cfg.federated.initial_clients == cfg.federated.clients_per_round == 5
+    assert {f"{m}-demo" for m in BASELINES} <= set(list_presets())
