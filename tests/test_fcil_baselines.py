@@ -35,13 +35,16 @@ def _softmax(row, T=1.0):
 
 # ---- losses vs the papers' equations, written element by element ------------------------------------
 
-def test_lwf_loss_is_ce_plus_weighted_softened_cross_entropy_on_old_classes():
-    logits, labels, teacher = _data()
+def test_lwf_loss_is_own_head_ce_plus_weighted_softened_cross_entropy_on_old_classes():
+    logits, labels, teacher = _data(n=8)
+    assert (labels < 4).any() and (labels >= 4).any()
     got = lwf_loss(logits, labels, teacher, weight=0.7, temperature=2.0)
     total = 0.0
     for i in range(len(labels)):
-        p = _softmax(logits[i].tolist())
-        ce = -math.log(p[labels[i]])
+        y = int(labels[i])
+        head = range(4, 6) if y >= 4 else range(0, 4)                  # the sample's own task head
+        p = _softmax([float(logits[i, c]) for c in head])
+        ce = -math.log(p[list(head).index(y)])
         y_old = _softmax(teacher[i].tolist(), 2.0)                     # y'_o = softmax(z_old / T)
         y_hat = _softmax(logits[i, :teacher.shape[1]].tolist(), 2.0)  # ŷ'_o over the old classes only
         l_old = -sum(a * math.log(b) for a, b in zip(y_old, y_hat))

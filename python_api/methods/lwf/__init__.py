@@ -1,13 +1,20 @@
 """lwf: FedAvg + Learning without Forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017) in GLFC's stream.
 
-Local objective (paper eq. 1-2, the single-head class-incremental form TARGET and LANDER report):
+Local objective (paper §3, eq. 1-2): the network keeps one output head per task (here: the old classes'
+logits and the current task's logits of the one growing linear layer), and
 
-    L = CE(f(x), y) + λ_o · L_old,    L_old = -Σ_{c ∈ old} y'_c log ŷ'_c,
-    y'_c = softmax(z_old / T)_c  (the previous task's global model),  ŷ'_c = softmax(z_{1..n_old} / T)_c
+    L = L_new + λ_o · L_old,
+    L_new = CE over the logits of the sample's own head (the current task's classes for new data, the old
+            classes for the old-class data GLFC's S_o clients keep),
+    L_old = -Σ_{c ∈ old} y'_c log ŷ'_c,  y'_c = softmax(z_old / T)_c (the previous task's global model),
+            ŷ'_c = softmax(z_{1..n_old} / T)_c (the current model's old-class logits only).
 
-with z_{1..n_old} the current model's logits of the old classes only. The teacher is the global model at
-the end of the previous task, which every client received anyway. No memory. Defaults are the paper's:
-λ_o = 1 (`lwf.weight`) and T = 2 (`lwf.temperature`); the optimiser is GLFC's client's.
+Cross-entropy over the sample's own head rather than over every class is the paper's multi-head form (and
+PyCIL's class-incremental LwF): the new data's CE then does not push the old classes' logits down, which a
+CE over all classes would (making LwF no better than finetune). Evaluation is single-head (argmax over all
+seen classes), as for every method here. The teacher is the global model at the end of the previous task,
+which every client received anyway. No memory. Defaults are the paper's: λ_o = 1 (`lwf.weight`) and T = 2
+(`lwf.temperature`); the optimiser is GLFC's client's.
 """
 from dataclasses import dataclass, field
 
@@ -17,7 +24,8 @@ import torch.nn.functional as F
 from python_api.methods import MethodSpec, register_method
 from python_api.methods.fcil import FCILClient, FCILConfig, FCILServer
 
-__all__ = ["LwFSettings", "LwFConfig", "LwFServer", "LwFClient", "lwf_distillation", "lwf_loss"]
+__all__ = ["LwFSettings", "LwFConfig", "LwFServer", "LwFClient", "lwf_distillation", "lwf_loss",
+           "task_head_cross_entropy"]
 
 
 @dataclass
@@ -40,9 +48,21 @@ def lwf_distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     return -(target * F.log_softmax(logits[:, :n_old] / temperature, dim=1)).sum(1).mean()
 
 
+def task_head_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Mean CE of each sample over its own head: classes [n_old, C) if y >= n_old, else [0, n_old)."""
+    if n_old == 0:
+        return F.cross_entropy(logits, labels)
+    new = labels >= n_old
+    masked = logits.masked_fill(new.unsqueeze(1) != (torch.arange(logits.shape[1], device=logits.device) >= n_old),
+                                float("-inf"))
+    return F.cross_entropy(masked, labels)
+
+
 def lwf_loss(logits, labels, teacher_logits, weight: float, temperature: float) -> torch.Tensor:
-    loss = F.cross_entropy(logits, labels)
-    if teacher_logits is not None and weight:
+    if teacher_logits is None:
+        return F.cross_entropy(logits, labels)
+    loss = task_head_cross_entropy(logits, labels, teacher_logits.shape[1])
+    if weight:
         loss = loss + weight * lwf_distillation(logits, teacher_logits, temperature)
     return loss
 
