@@ -15,10 +15,14 @@ by the counts and sends the list of (F_t, θ*_t) with every train message. Param
 `ewc.fisher_batch_size` samples (1 = the paper's per-sample estimate; larger is the common faster
 approximation used by PyCIL and Avalanche).
 
-Defaults: λ = `ewc.weight` = 5000 — the paper tunes λ per benchmark and gives no class-incremental value;
-5000 is the value used for class-incremental CIFAR-100 in PyCIL's EWC (lamda) — and the GLFC client optimiser.
+Defaults: λ = `ewc.weight` = 1000 — the paper tunes λ per benchmark and gives no class-incremental value;
+1000 is PyCIL's class-incremental EWC (lamda) — and the GLFC client optimiser. `ewc.fisher_max` (default
+null = the paper's unclamped Fisher) caps each F_i; PyCIL caps at 1e-4, and the presets do too: with GLFC's
+large SGD learning rates an unclamped penalty has curvature lr·λ·F_i far above 2 for the largest F_i (about 1
+on the bundled digits), so plain SGD on it diverges to NaN.
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +37,8 @@ __all__ = ["EWCSettings", "EWCConfig", "EWCServer", "EWCClient", "ewc_penalty", 
 
 @dataclass
 class EWCSettings:
-    weight: float = 5000.0         # λ
+    weight: float = 1000.0         # λ (PyCIL's class-incremental value; the paper has none)
+    fisher_max: Optional[float] = None   # cap on each F_i (null = the paper; PyCIL and the presets: 1e-4)
     fisher_batch_size: int = 32    # samples per gradient in the Fisher estimate (1 = per-sample, the paper)
 
 
@@ -121,6 +126,8 @@ class EWCServer(FCILServer):
         parts = [(rep.payload["fisher"], rep.payload["num_samples"]) for rep in replies if rep.payload["num_samples"]]
         total = sum(n for _, n in parts)
         fisher = {name: sum(f[name] * (n / total) for f, n in parts) for name in parts[0][0]}
+        if self.cfg.ewc.fisher_max is not None:
+            fisher = {name: f.clamp(max=self.cfg.ewc.fisher_max) for name, f in fisher.items()}
         anchor = {name: p.detach().clone() for name, p in self.model.named_parameters()}
         self.penalties.append({"fisher": fisher, "anchor": anchor})
         return {"fisher_clients": len(parts),
