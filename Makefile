@@ -2,6 +2,7 @@
 # a second run neither reinstalls torch nor rebuilds unchanged sources.
 #
 #   make demo        venv + torch + build, then the main job (both trainers' demos)
+#   make compare-demo  GLFC and baselines x 2 seeds on the bundled digits -> one table
 #   make test        venv + torch + build, then the test suite + benchmark smoke run
 #   make bench       benchmarks (CPU, and CUDA where a GPU exists) -> docs/performance.md
 #   make gpu-check OUT=dir   on a GPU machine, with the Python that already has torch
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 OUT        ?= gpu-check-out
 export MAX_JOBS ?= 2
 
-.PHONY: all install build demo test test-slow bench gpu-check clean info
+.PHONY: all install build demo compare-demo test test-slow bench gpu-check clean info
 
 all: build
 
@@ -52,6 +53,10 @@ info: build
 
 demo: build
 	$(PY) -m python_api.demo
+
+# GLFC + finetune / LwF / iCaRL / joint x 2 seeds on the bundled digits, then the table (docs/baselines.md)
+compare-demo: build
+	$(PY) -m python_api.cli compare-demo --jobs 2
 
 test: build
 	$(PY) -m pytest -m "not slow" tests --durations=10 $(PYTEST_ARGS)

@@ -2,6 +2,8 @@
 
     fcl-ext train glfc --config glfc-demo [key.sub=value ...] [--out DIR] [--resume] [--engine inprocess]
     fcl-ext train fccl --config fccl-demo --data-root ~/data
+    fcl-ext compare glfc-demo lwf-demo --seeds 0 1 2 --out runs/cmp [--jobs 2]   methods x seeds -> one table
+    fcl-ext compare-demo            GLFC + baselines x 2 seeds on the bundled digits
     fcl-ext presets                 list the shipped YAML presets
     fcl-ext show-config glfc --config glfc-cifar100-t10 client.local_epochs=5   print the resolved config
     fcl-ext info                    fcl_ext build information
@@ -44,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show-config", help="print the resolved config as YAML")
     add_config_args(show)
 
+    compare = sub.add_parser("compare", help="run methods/presets x seeds and tabulate mean ± std (python_api/compare.py)")
+    compare.add_argument("names", nargs="*", metavar="NAME|key.sub=value",
+                         help="presets or method names to compare, and overrides applied to every run")
+    compare.add_argument("--plan", default=None, help="YAML file listing the runs (see python_api/compare.py)")
+    compare.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the plan's, or 0)")
+    compare.add_argument("--out", "-o", default="runs/compare", help="output directory (default runs/compare)")
+    compare.add_argument("--jobs", "-j", type=int, default=1, help="runs in parallel worker processes")
+    compare.add_argument("--threads", type=int, default=1, help="torch threads per run (run.threads)")
+    demo = sub.add_parser("compare-demo", help="GLFC + baselines x 2 seeds on the bundled digits, then the table")
+    demo.add_argument("--out", "-o", default="runs/compare-demo")
+    demo.add_argument("--jobs", "-j", type=int, default=2)
+
     sub.add_parser("presets", help="list the YAML presets shipped with the package")
     sub.add_parser("info", help="fcl_ext build information")
     return parser
@@ -81,6 +95,25 @@ def _train(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from python_api import compare
+    names = [n for n in args.names if "=" not in n]
+    overrides = [n for n in args.names if "=" in n]
+    if args.plan is not None:
+        if names:
+            raise ConfigError("compare: give either --plan FILE or names on the command line, not both")
+        specs = compare.plan_from_yaml(args.plan, args.seeds, overrides)
+    elif names:
+        specs = compare.plan_from_names(names, args.seeds or [0], overrides)
+    else:
+        raise ConfigError("compare: nothing to run; name presets/methods or give --plan FILE")
+    result = compare.run_compare(specs, args.out, jobs=args.jobs, threads=args.threads)
+    print()
+    print((Path(args.out) / "compare.md").read_text(), end="")
+    print(f"results: {Path(args.out) / 'compare.json'}  {Path(args.out) / 'compare.csv'}  {Path(args.out) / 'compare.md'}")
+    return 1 if result["failures"] else 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     # overrides may come after options (`--config x a.b=1`): argparse leaves those as unknown args
@@ -88,11 +121,18 @@ def main(argv=None) -> int:
     for item in extra:
         if "=" in item and not item.startswith("-") and hasattr(args, "overrides"):
             args.overrides.append(item)
+        elif "=" in item and not item.startswith("-") and hasattr(args, "names"):
+            args.names.append(item)
         else:
             parser.error(f"unrecognized argument: {item}")
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "compare-demo":
+            from python_api.compare import compare_demo
+            return compare_demo(args.out, args.jobs)
         if args.command == "show-config":
             spec, cfg = resolve_config(args)
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

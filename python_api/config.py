@@ -80,6 +80,10 @@ class DataConfig:
     num_classes: Optional[int] = None       # synthetic only: number of classes (others: from the data)
     samples_per_class: int = 60             # synthetic only: images per class (train + test)
     cache: bool = True                      # folder datasets: cache decoded tensors under root/.fcl_ext_cache
+    partition: str = "classes"              # FCIL client data: classes (GLFC: each client draws classes of the task)
+                                            # | dirichlet (TARGET/LANDER: fixed clients, Dir(beta) class proportions)
+    beta: float = 0.5                       # dirichlet only: concentration (TARGET/LANDER use 0.5)
+    dirichlet_min_samples: int = 1          # dirichlet only: redraw until every client holds this many per task
 
 
 # ---- (de)serialisation ------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Callable
 
 __all__ = ["MethodSpec", "register_method", "get_method", "available_methods"]
 
-KNOWN_METHOD_MODULES = ("glfc", "fccl")
+KNOWN_METHOD_MODULES = ("glfc", "fccl", "finetune", "lwf", "ewc", "icarl", "bic", "joint", "feddf", "fml")
 
 
 @dataclass

@@ -226,6 +226,9 @@ class GLFCConfig:
                 raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {value!r}")
         choice("quirks", self.quirks, QUIRKS)
         choice("client.lr_schedule", self.client.lr_schedule, ("legacy_per_round", "per_task_step"))
+        if self.method == "glfc" and self.data.partition != "classes":   # the FCIL baselines take dirichlet
+            raise ConfigError(f"data.partition={self.data.partition!r}: GLFC draws each client's classes itself "
+                              f"(spec §1.2); only data.partition=classes is supported for glfc")
         choice("client.loss_backend", self.client.loss_backend, ("auto", "fcl_ext", "reference"))
         choice("client.perturbation", self.client.perturbation, ("descent", "gaussian", "none"))
         choice("proxy.monitor_transform", self.proxy.monitor_transform, ("train_aug", "test"))
