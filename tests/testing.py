@@ -58,7 +58,7 @@ def assert_close_f64(actual, expected, cond=1.0):
     """actual (float64) == expected (float64 twin) to F64_RTOL * cond, relative to the
     largest |expected| for entries near zero; NaN must match NaN."""
     assert actual.dtype == torch.float64 and expected.dtype == torch.float64, (actual.dtype, expected.dtype)
-    finite = expected[torch.isfinite(expected)]
+    finite = expected.detach()[torch.isfinite(expected.detach())]
     scale = float(finite.abs().max()) if finite.numel() else 1.0
     rtol = F64_RTOL * cond
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1e-300), equal_nan=True)
