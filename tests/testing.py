@@ -98,3 +98,19 @@ def run_isolated(code: str, timeout: float = 300.0):
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ---- hypothesis profiles -------------------------------------------------------------
+
+def register_hypothesis_profiles():
+    """Property tests take their example counts from a profile: "fast" (default, part of
+    `make test`: derandomized, a dozen examples per test) or "large" (FCL_EXT_HYPOTHESIS=large,
+    random, 300 per test). Tests with their own @settings keep theirs."""
+    import os
+    from hypothesis import HealthCheck, settings
+    quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("fast", max_examples=12, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=quiet)
+    settings.register_profile("large", max_examples=300, deadline=None, derandomize=False, print_blob=True,
+                              suppress_health_check=quiet)
+    settings.load_profile(os.environ.get("FCL_EXT_HYPOTHESIS", "fast"))

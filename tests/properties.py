@@ -1,0 +1,105 @@
+"""Shared pieces of the property-based tests (tests/test_properties_*.py): input strategies,
+dtype-aware comparison with the float64 twin, checks of rejected inputs, and the crash-isolated
+fuzz of direct torch.ops.fcl_ext.* calls (tests/op_fuzz.py, run in a subprocess)."""
+import json
+import os
+import re
+
+import torch
+from hypothesis import strategies as st
+
+from tests.testing import assert_close_f64, run_isolated
+
+ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "transposed", "strided"]
+SCALES = [1e-3, 1.0, 8.0, 60.0]
+
+# Relative error allowed against the float64 twin on the same (rounded) inputs, before the
+# problem's condition: float32 accumulation over short rows, or one rounding of the output.
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+def dtypes():
+    return st.sampled_from(ALL_DTYPES)
+
+
+def layouts():
+    return st.sampled_from(LAYOUTS)
+
+
+def tensor(shape, dtype=torch.float64, *, scale=1.0, seed=0, layout="contiguous", offset=0.0):
+    """Random normal values (float64 draw, rounded to dtype) in the given memory layout:
+    "transposed" (a .t() / permuted view) or "strided" (every other column of a wider buffer)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(shape)
+    if layout == "transposed" and len(shape) >= 2:
+        base = torch.randn(shape[::-1], generator=g, dtype=torch.float64) * scale + offset
+        x = base.to(dtype).permute(*reversed(range(len(shape))))
+    elif layout == "strided" and len(shape) >= 1:
+        base = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64) * scale + offset
+        x = base.to(dtype)[..., ::2]
+    else:
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    assert tuple(x.shape) == shape
+    return x
+
+
+def leaf(x):
+    """x (any layout) as a leaf that requires grad, plus its float64 twin input (same values)."""
+    x = x.detach().requires_grad_()
+    return x, x.detach().double().requires_grad_()
+
+
+def assert_like_twin(actual, exact, dtype, cond=1.0, what="value"):
+    """The op's result (in dtype) against the float64 twin's on the same inputs: RTOL[dtype]
+    times `cond`, relative to the largest |exact| for entries near zero; NaN where the twin has NaN."""
+    assert actual.shape == exact.shape, (what, actual.shape, exact.shape)
+    actual, exact = actual.detach(), exact.detach()
+    if dtype == torch.float64:
+        assert_close_f64(actual, exact, cond)
+        return
+    finite = exact[torch.isfinite(exact)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    rtol = RTOL[dtype] * cond
+    torch.testing.assert_close(actual.double(), exact, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=True,
+                               msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def assert_nan_like_twin(actual, exact, what="value"):
+    """NaN in -> NaN out: the op is NaN exactly where the twin is, and finite where it is finite."""
+    actual, exact = actual.detach(), exact.detach()
+    assert torch.equal(torch.isnan(actual), torch.isnan(exact)), (
+        f"{what}: NaN at {torch.isnan(actual).nonzero().tolist()}, twin NaN at {torch.isnan(exact).nonzero().tolist()}")
+    assert torch.equal(torch.isfinite(actual), torch.isfinite(exact)), (
+        f"{what}: finite {torch.isfinite(actual).tolist()}, twin finite {torch.isfinite(exact).tolist()}")
+
+
+ALLOWED_ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
+
+
+def assert_rejected(call, names, what=""):
+    """call() raises ValueError/TypeError/RuntimeError/IndexError whose message names one of `names`."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    try:
+        call()
+    except ALLOWED_ERRORS as err:
+        message = str(err)
+        assert any(re.search(rf"\b{re.escape(n)}\b", message) for n in names), (
+            f"{what}: {type(err).__name__} does not name {names}: {message[:300]}")
+        return
+    raise AssertionError(f"{what}: accepted; expected an error naming {names}")
+
+
+def run_op_fuzz(family: str):
+    """Fuzz direct torch.ops.fcl_ext calls of one op family (forward and private backward) in a
+    fresh process with the current hypothesis profile; a crash there fails here with the last case."""
+    profile = os.environ.get("FCL_EXT_HYPOTHESIS", "fast")
+    proc = run_isolated(f"from tests.op_fuzz import main; main({family!r}, {profile!r})", timeout=900)
+    cases = [line for line in proc.stdout.splitlines() if line.startswith("CASE ")]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY ")]
+    if proc.returncode < 0:
+        raise AssertionError(f"direct {family} op call crashed the process (signal {-proc.returncode}) on: "
+                             f"{cases[-1][5:] if cases else '?'}")
+    assert proc.returncode == 0 and summary, (
+        f"direct {family} op fuzz failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(summary[-1][8:])
