@@ -107,10 +107,11 @@ def register_hypothesis_profiles():
     `make test`: derandomized, a dozen examples per test) or "large" (FCL_EXT_HYPOTHESIS=large,
     random, 300 per test). Tests with their own @settings keep theirs."""
     import os
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
     quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    # The fast profile reports a failing example as found (no shrinking): it stays fast when red.
     settings.register_profile("fast", max_examples=12, deadline=None, derandomize=True, print_blob=True,
-                              suppress_health_check=quiet)
+                              suppress_health_check=quiet, phases=[Phase.explicit, Phase.generate])
     settings.register_profile("large", max_examples=300, deadline=None, derandomize=False, print_blob=True,
                               suppress_health_check=quiet)
     settings.load_profile(os.environ.get("FCL_EXT_HYPOTHESIS", "fast"))
