@@ -66,7 +66,8 @@ def assert_like_twin(actual, exact, dtype, *, cond=1.0, floor=0.0, compute_scale
     finite = exact[torch.isfinite(exact)]
     scale = max(float(finite.abs().max()) if finite.numel() else 0.0, floor)
     rtol = RTOL[dtype] * cond
-    atol = rtol * scale + COMPUTE_EPS[dtype] * compute_scale
+    # + half the dtype's smallest subnormal: a result below it underflows to 0, rightly
+    atol = rtol * scale + COMPUTE_EPS[dtype] * compute_scale + torch.finfo(dtype).smallest_normal * RTOL[dtype] / 2
     torch.testing.assert_close(actual, exact, rtol=rtol, atol=max(atol, 1e-300), equal_nan=True,
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
