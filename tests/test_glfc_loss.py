@@ -83,12 +83,12 @@ def test_glfc_loss_matches_reference(device, dtype, with_old_logits, weights):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("c", [5, 100, 300])  # warp-per-row and block-per-row CUDA launches
-def test_float64_relative_error_is_below_1e6(device, c):
+def test_float64_relative_error_is_below_1e12(device, c):
     x, y, mask, q = make_case(n=64, c=c, c_old=c // 2, device=device, seed=c)
     out, ref = both("glfc_loss", x, y, mask, q)
-    assert ((out - ref).abs() / ref.abs()).item() <= 1e-6
+    assert ((out - ref).abs() / ref.abs()).item() <= 1e-12
     g_out, g_ref = grads(out, ref, x)
-    assert ((g_out - g_ref).abs().max() / g_ref.abs().max()).item() <= 1e-6
+    assert ((g_out - g_ref).abs().max() / g_ref.abs().max()).item() <= 1e-12
 
 
 @pytest.mark.parametrize("device", devices())

@@ -129,9 +129,15 @@ def test_extreme_logits_are_finite(dtype, eps):
                      requires_grad=True)
     out = ops.softmax_entropy(x, reduction="none", eps=eps)
     assert torch.isfinite(out).all()
-    assert_close(out, reference.softmax_entropy(x.detach().double(), reduction="none", eps=eps), dtype)
-    out.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    ref = reference.softmax_entropy(x64, reduction="none", eps=eps)
+    assert_close(out, ref, dtype)
+    # the gradient too, not just its finiteness (issue 17)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    out.backward(w.to(dtype))
+    ref.backward(w)
     assert torch.isfinite(x.grad).all()
+    assert_close(x.grad, x64.grad, dtype)
 
 
 @pytest.mark.parametrize("eps", EPS)
