@@ -3,7 +3,7 @@ valid inputs against the float64 twin (values and gradients, every float dtype, 
 column offsets), random invalid inputs, NaN/Inf inputs, and crash-isolated direct torch.ops
 calls. Example counts: the hypothesis profile."""
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fcl_ext import ops, reference
@@ -20,6 +20,8 @@ def test_valid_inputs_match_twin(batch, ka, kb, dtype, layout, scale, offset, fo
     kw = FORMS[form]
     a, a64 = leaf(tensor((batch, ka), dtype, scale=scale, seed=seed, layout=layout, offset=offset))
     b, b64 = leaf(tensor((batch, kb), dtype, scale=scale, seed=seed + 1, offset=-offset))
+    # rounding to a narrow dtype can make a column constant (an error with eps = 0, tested elsewhere)
+    assume(bool((a64.var(0) > 0).all() and (b64.var(0) > 0).all()))
     # Standardising a column divides by its std: the rounding of offset (and of the dtype's
     # inputs) is amplified by |offset| / scale, the column's condition.
     cond = 1.0 + abs(offset) / scale
@@ -36,6 +38,7 @@ def test_valid_inputs_match_twin(batch, ka, kb, dtype, layout, scale, offset, fo
     assert_like_twin(gb, gb64, dtype, cond=4.0, compute_scale=cond * top, what="matrix grad b")
     if ka == kb:
         b2, b2_64 = leaf(tensor((batch, ka), dtype, scale=scale, seed=seed + 3, layout=layout))
+        assume(bool((b2_64.var(0) > 0).all()))
         out = ops.cross_correlation_loss(a, b2, **kw)
         exact = reference.cross_correlation_loss(a64, b2_64, **kw)
         assert_like_twin(out, exact, dtype, floor=float(ka * ka), compute_scale=cond * batch * ka * ka, what="loss")
