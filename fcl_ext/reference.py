@@ -135,7 +135,10 @@ def dual_distillation_loss(logits, labels, intra_logits=None, inter_logits=None,
             continue
         # The teacher is cast to the student's dtype, as the op does.
         log_p = F.log_softmax(teacher.detach().to(logits.dtype) / temperature, dim=1)
-        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+        # KL batchmean = sum p (log p - log q) / N, with 0 log 0 = 0 where a teacher logit is -inf
+        # (F.kl_div gives NaN there); a NaN teacher still gives NaN.
+        terms = torch.where(log_p == float("-inf"), torch.zeros_like(log_q), log_p.exp() * (log_p - log_q))
+        kl = terms.sum() / logits.shape[0]
         loss = loss + weight * scale * kl
     return loss
 
@@ -152,8 +155,8 @@ def gradient_matching_loss(grads, target_grads, *, metric="l2"):
         out = (g - t).pow(2).sum(1)
     elif metric == "cosine":
         den = g.norm(dim=1) * t.norm(dim=1)
-        ok = den > 0
-        out = torch.where(ok, 1 - (g * t).sum(1) / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
+        zero = den == 0  # a zero norm: distance 1 by definition; NaN stays NaN
+        out = torch.where(zero, torch.ones_like(den), 1 - (g * t).sum(1) / torch.where(zero, torch.ones_like(den), den))
     else:
         raise ValueError(f"metric must be one of ('l2', 'cosine'), got {metric!r}")
     return out.to(grads.dtype)

@@ -189,8 +189,14 @@ def test_glfc_extreme_logits_match_twin(dtype):
     _compare(_grad(out, x), _grad(exact, x64), dtype)
 
 
-@pytest.mark.parametrize("scale", [1e-25, 1e-19, 1e19, 1e25])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+COSINE_BACKWARD_FINDING = pytest.mark.xfail(
+    strict=True, reason="finding (gradient_matching CPU backward): the float32 cosine gradient under/overflows at "
+                        "|g| ~ 1e-25 and 1e19+ (0 or NaN) although the forward is scaled")
+
+
+@pytest.mark.parametrize("dtype, scale", [
+    pytest.param(dtype, scale, marks=COSINE_BACKWARD_FINDING if dtype == torch.float32 and scale != 1e-19 else ())
+    for dtype in (torch.float64, torch.float32) for scale in (1e-25, 1e-19, 1e19, 1e25)])
 def test_cosine_gradient_matching_at_extreme_scales_matches_twin(scale, dtype):
     # cosine is scale-invariant: the value at scale s equals the value at scale 1, and the
     # gradient scales as 1/s. Squaring unscaled entries under/overflows float32 near 1e±19.

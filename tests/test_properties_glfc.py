@@ -62,10 +62,25 @@ def test_valid_inputs_match_twin(inputs, reduction, weights, seed):
         assert_like_twin(w, w64, torch.float32 if dtype != torch.float64 else dtype, cond=4.0, what="weights")
 
 
+def _non_finite(values):
+    return st.lists(st.tuples(st.integers(0, 71), st.sampled_from(values)), min_size=1, max_size=3)
+
+
 @given(inputs=glfc_inputs(dtype=torch.float64, min_n=1), dtype=st.sampled_from([torch.float64, torch.float32]),
-       bad=st.lists(st.tuples(st.integers(0, 71), st.sampled_from(["nan", "inf", "-inf"])), min_size=1, max_size=3),
-       in_teacher=st.booleans())
-def test_non_finite_inputs_like_twin(inputs, dtype, bad, in_teacher):
+       bad=_non_finite(["nan"]), in_teacher=st.booleans())
+def test_nan_inputs_like_twin(inputs, dtype, bad, in_teacher):
+    _check_non_finite(inputs, dtype, bad, in_teacher)
+
+
+@pytest.mark.xfail(strict=True, reason="finding (glfc CPU kernel): a +inf logit gives a NaN loss where the twin "
+                                       "gives +inf, e.g. glfc_loss([[inf, 0, 1]], [1], None)")
+@given(inputs=glfc_inputs(dtype=torch.float64, min_n=1), dtype=st.sampled_from([torch.float64, torch.float32]),
+       bad=_non_finite(["nan", "inf", "-inf"]), in_teacher=st.booleans())
+def test_infinite_inputs_like_twin(inputs, dtype, bad, in_teacher):
+    _check_non_finite(inputs, dtype, bad, in_teacher)
+
+
+def _check_non_finite(inputs, dtype, bad, in_teacher):
     x, labels, mask, q, _ = inputs
     x, q = x.to(dtype).clone(), q.to(dtype).clone()
     target = q if in_teacher and q.numel() else x
