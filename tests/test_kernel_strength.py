@@ -224,3 +224,30 @@ def test_l2_gradient_matching_backward_does_not_overflow(dtype):
     expected = 2 * grad_out.double()[:, None] * (g.detach().double() - t.double())
     assert torch.isfinite(gr).all(), gr
     torch.testing.assert_close(gr.double(), expected, rtol=1e-5, atol=0)
+
+
+# ---- cross_correlation: column variance that neither overflows nor hides NaN ----------
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_cross_correlation_huge_columns_are_standardised_like_twin(eps):
+    # float32 columns near +-3e38 are not constant: their squared deviations overflow float32,
+    # a scaled variance does not. The float64 twin sees the same values without overflow.
+    a64 = make_logits((16, 3), seed=11)
+    a64 = a64 / a64.abs().max() * 3e38
+    a = a64.float().requires_grad_()
+    b = make_logits((16, 3), seed=12).float().requires_grad_()
+    a_ref, b_ref = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    m = ops.cross_correlation_matrix(a, b, eps=eps)
+    m_ref = reference.cross_correlation_matrix(a_ref, b_ref, eps=eps)
+    assert torch.isfinite(m).all()
+    torch.testing.assert_close(m.double(), m_ref, rtol=1e-4, atol=1e-5)
+    gb, = torch.autograd.grad(m.sum(), b)
+    gb_ref, = torch.autograd.grad(m_ref.sum(), b_ref)
+    torch.testing.assert_close(gb.double(), gb_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_correlation_nan_column_is_named_as_nan_not_constant():
+    a = make_logits((8, 3)).float()
+    a[2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        ops.cross_correlation_matrix(a, make_logits((8, 2), seed=1).float())
