@@ -3,8 +3,8 @@ torch.ops.fcl_ext.*. Every function here has a pure-PyTorch twin of the same nam
 signature in fcl_ext.reference."""
 import torch
 
-from fcl_ext._checks import (check_floating, check_min_dim, check_nonneg, check_reduction, check_same_device,
-                             check_tensor, reduce)
+from fcl_ext._checks import (check_choice, check_flag, check_floating, check_min_dim, check_nonneg, check_number,
+                             check_positive, check_reduction, check_same_device, check_tensor, has_data, reduce)
 
 __all__ = ["softmax_entropy", "gradient_compensated_bce", "relation_distillation_bce", "glfc_loss",
            "cross_correlation_matrix", "cross_correlation_loss", "dual_distillation_loss",
@@ -24,10 +24,10 @@ def softmax_entropy(logits: torch.Tensor, *, reduction: str = "mean", eps: float
     check_floating(logits, "logits")
     check_min_dim(logits, 1, "logits")
     check_reduction(reduction)
-    check_nonneg(eps, "eps")
+    eps = check_nonneg(eps, "eps")
     if logits.shape[-1] == 0 and logits.numel() == 0 and logits.dim() >= 1 and logits.shape[:-1].numel() > 0:
         raise ValueError(f"logits must have at least one class (last dim > 0), got shape {tuple(logits.shape)}")
-    entropy, _ = torch.ops.fcl_ext.softmax_entropy(logits, float(eps))
+    entropy, _ = torch.ops.fcl_ext.softmax_entropy(logits, eps)
     return reduce(entropy, reduction)
 
 # ---- glfc losses (issue 3) ------------------------------------------------------
@@ -35,9 +35,11 @@ def softmax_entropy(logits: torch.Tensor, *, reduction: str = "mean", eps: float
 # and the gradient-compensation weights; the three functions pick its gc/rd weights.
 
 def _check_values_in_range(values: torch.Tensor, upper: int, name: str) -> None:
-    # Data-dependent (one host sync on CUDA), so skipped while torch.compile traces; the CPU
-    # kernel checks labels again and the CUDA kernel asserts.
-    if values.numel() == 0 or torch.compiler.is_compiling():
+    # Only for old_class_mask given as class ids (a convenience form; pass the bool mask to avoid it). Data-
+    # dependent (one host sync on CUDA), so skipped while torch.compile traces and for meta/fake tensors.
+    # Labels are not checked here: the kernels check them where they read them (no host sync), with an
+    # error naming labels[i].
+    if values.numel() == 0 or not has_data(values):
         return
     lo, hi = torch.aminmax(values)
     lo, hi = int(lo), int(hi)
@@ -62,7 +64,6 @@ def _glfc_check_logits_labels(logits, labels):
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"labels must have shape [N] = [{n}] (one per logits row), got shape {tuple(labels.shape)}")
     check_same_device(logits, "logits", labels, "labels")
-    _check_values_in_range(labels, c, "labels")
     return labels.long()
 
 
@@ -105,12 +106,6 @@ def _glfc_old_logits(old_logits, logits):
     return old_logits.detach().to(logits.dtype)
 
 
-def _check_loss_weight(value, name):
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or abs(value) == float("inf"):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    check_nonneg(value, name)
-
-
 def gradient_compensated_bce(logits: torch.Tensor, labels: torch.Tensor, old_class_mask, *,
                              reduction: str = "mean", return_weights: bool = False):
     """GLFC's class-aware gradient-compensated BCE (L_GC, specs/glfc.md 1.2).
@@ -127,6 +122,7 @@ def gradient_compensated_bce(logits: torch.Tensor, labels: torch.Tensor, old_cla
     labels = _glfc_check_logits_labels(logits, labels)
     mask = _glfc_old_class_mask(old_class_mask, logits)
     check_reduction(reduction)
+    check_flag(return_weights, "return_weights")
     per_sample, weights, _ = torch.ops.fcl_ext.glfc_loss(logits, labels, mask, None, 1.0, 0.0)
     out = reduce(per_sample, reduction)
     return (out, weights) if return_weights else out
@@ -156,13 +152,13 @@ def glfc_loss(logits: torch.Tensor, labels: torch.Tensor, old_class_mask, old_lo
     labels = _glfc_check_logits_labels(logits, labels)
     mask = _glfc_old_class_mask(old_class_mask, logits)
     old_logits = _glfc_old_logits(old_logits, logits)
+    # The weights are checked even where they are ignored (no old model): a bad value is a bug either way.
+    gc_weight = check_nonneg(gc_weight, "gc_weight")
+    rd_weight = check_nonneg(rd_weight, "rd_weight")
+    check_flag(return_weights, "return_weights")
     if old_logits is None:
         gc_weight, rd_weight = 1.0, 0.0
-    else:
-        _check_loss_weight(gc_weight, "gc_weight")
-        _check_loss_weight(rd_weight, "rd_weight")
-    per_sample, weights, _ = torch.ops.fcl_ext.glfc_loss(logits, labels, mask, old_logits, float(gc_weight),
-                                                         float(rd_weight))
+    per_sample, weights, _ = torch.ops.fcl_ext.glfc_loss(logits, labels, mask, old_logits, gc_weight, rd_weight)
     loss = per_sample.mean()
     return (loss, weights) if return_weights else loss
 
@@ -201,8 +197,9 @@ def cross_correlation_matrix(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool
         return distributed.cross_correlation_matrix(a, b, unbiased=unbiased, eps=eps, batch_stats=batch_stats,
                                                     group=group)
     _check_pair(a, b)
-    check_nonneg(eps, "eps")
-    matrix, _, _ = torch.ops.fcl_ext.cross_correlation_matrix(a, b, bool(unbiased), float(eps))
+    check_flag(unbiased, "unbiased")
+    eps = check_nonneg(eps, "eps")
+    matrix, _, _ = torch.ops.fcl_ext.cross_correlation_matrix(a, b, unbiased, eps)
     return matrix
 
 
@@ -227,11 +224,13 @@ def cross_correlation_loss(a: torch.Tensor, b: torch.Tensor, *, off_diag_weight:
     _check_pair(a, b)
     if a.shape != b.shape:
         raise ValueError(f"b must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
-    check_nonneg(eps, "eps")
-    check_nonneg(off_diag_weight, "off_diag_weight")
+    check_flag(unbiased, "unbiased")
+    eps = check_nonneg(eps, "eps")
+    off_diag_weight = check_nonneg(off_diag_weight, "off_diag_weight")
+    off_diag_target = check_number(off_diag_target, "off_diag_target")
     keep_matrix = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    loss, _, _, _ = torch.ops.fcl_ext.cross_correlation_loss(a, b, float(off_diag_weight), float(off_diag_target),
-                                                             bool(unbiased), float(eps), keep_matrix)
+    loss, _, _, _ = torch.ops.fcl_ext.cross_correlation_loss(a, b, off_diag_weight, off_diag_target, unbiased, eps,
+                                                             keep_matrix)
     return loss
 
 
@@ -260,19 +259,18 @@ def dual_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, intra_log
         if teacher.shape != logits.shape:
             raise ValueError(f"{name} must have the shape of logits {tuple(logits.shape)}, got {tuple(teacher.shape)}")
         check_same_device(logits, "logits", teacher, name)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    for value, name in ((ce_weight, "ce_weight"), (intra_weight, "intra_weight"), (inter_weight, "inter_weight")):
-        check_nonneg(value, name)
-    scale = float(temperature) ** 2 if temperature_squared else 1.0
+    temperature = check_positive(temperature, "temperature")
+    ce_weight = check_nonneg(ce_weight, "ce_weight")
+    intra_weight = check_nonneg(intra_weight, "intra_weight")
+    inter_weight = check_nonneg(inter_weight, "inter_weight")
+    scale = temperature ** 2 if check_flag(temperature_squared, "temperature_squared") else 1.0
     teachers = [None if t is None else t.detach().to(logits.dtype) for t in (intra_logits, inter_logits)]
     loss, _ = torch.ops.fcl_ext.dual_distillation_loss(logits, labels.long(), teachers[0], teachers[1],
-                                                       float(temperature), float(ce_weight),
-                                                       float(intra_weight) * scale, float(inter_weight) * scale)
+                                                       temperature, ce_weight, intra_weight * scale,
+                                                       inter_weight * scale)
     return loss
 
 # ---- gradient matching / lbfgs (issue 5) ---------------------------------------
-from fcl_ext._checks import check_same_device  # noqa: E402
 
 MATCHING_METRICS = ("l2", "cosine")
 
@@ -295,8 +293,7 @@ def gradient_matching_loss(grads: torch.Tensor, target_grads: torch.Tensor, *, m
     if target_grads.dtype != grads.dtype:
         raise ValueError(f"target_grads must have the dtype of grads ({grads.dtype}), got {target_grads.dtype}")
     check_same_device(grads, "grads", target_grads, "target_grads")
-    if metric not in MATCHING_METRICS:
-        raise ValueError(f"metric must be one of {MATCHING_METRICS}, got {metric!r}")
+    check_choice(metric, MATCHING_METRICS, "metric")
     loss, _ = torch.ops.fcl_ext.gradient_matching_loss(grads, target_grads.detach(), metric)
     return loss
 
@@ -317,6 +314,11 @@ def lbfgs_direction(grad: torch.Tensor, s_hist: torch.Tensor, y_hist: torch.Tens
     initial inverse-Hessian scale (1 before the first accepted pair). No gradient.
     """
     check_floating(grad, "grad")
+    for name, t in (("s_hist", s_hist), ("y_hist", y_hist), ("rho", rho), ("hist_len", hist_len),
+                    ("h_diag", h_diag)):
+        check_tensor(t, name)
+    if hist_start is not None:
+        check_tensor(hist_start, "hist_start")
     if grad.dim() != 2:
         raise ValueError(f"grad must be 2-D [K, D], got shape {tuple(grad.shape)}")
     k, d = grad.shape

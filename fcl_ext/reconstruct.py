@@ -29,6 +29,7 @@ from torch import nn
 
 from fcl_ext import ops
 from fcl_ext import reference as _reference
+from fcl_ext._checks import check_choice, check_count, check_flag, check_floating, check_nonneg, check_positive, check_tensor
 
 __all__ = [
     "LeNetEncoder", "ParameterSlice", "parameter_layout", "split_gradients", "encode_gradients",
@@ -109,9 +110,21 @@ def split_gradients(flat: torch.Tensor, encoder: nn.Module) -> List[torch.Tensor
 
 def _flatten_target(target_grads, encoder) -> torch.Tensor:
     if isinstance(target_grads, (list, tuple)):
+        if len(target_grads) == 0:
+            raise ValueError("target_grads must not be an empty list")
+        for i, t in enumerate(target_grads):
+            check_floating(t, f"target_grads[{i}]")
+            if t.dim() < 1 or t.shape[0] != target_grads[0].shape[0]:
+                raise ValueError(f"target_grads[{i}] must be [K, ...] with the K of target_grads[0], "
+                                 f"got shape {tuple(t.shape)}")
         return torch.cat([t.reshape(t.shape[0], -1) for t in target_grads], dim=1)
-    if not isinstance(target_grads, torch.Tensor) or target_grads.dim() != 2:
-        raise ValueError("target_grads must be a [K, P] tensor or a list of per-parameter [K, ...] tensors")
+    if not isinstance(target_grads, torch.Tensor):
+        raise TypeError("target_grads must be a [K, P] tensor or a list of per-parameter [K, ...] tensors, "
+                        f"got {type(target_grads).__name__}")
+    check_floating(target_grads, "target_grads")
+    if target_grads.dim() != 2:
+        raise ValueError(f"target_grads must be a [K, P] tensor or a list of per-parameter [K, ...] tensors, "
+                         f"got shape {tuple(target_grads.shape)}")
     return target_grads
 
 
@@ -123,6 +136,8 @@ def encode_gradients(encoder: nn.Module, images: torch.Tensor, labels: torch.Ten
     What a GLFC client uploads for each prototype (GLFC.py:333-339), for all K at once
     with torch.func (vmap over grad). Split it with split_gradients / parameter_layout.
     """
+    check_floating(images, "images")
+    check_tensor(labels, "labels")
     if images.dim() != 4:
         raise ValueError(f"images must be [K, C, H, W], got shape {tuple(images.shape)}")
     if labels.shape != images.shape[:1]:
@@ -197,8 +212,17 @@ def recover_labels(grads, encoder: Optional[nn.Module] = None) -> torch.Tensor:
     per-parameter [K, ...] tensors whose second-to-last entry is the fc weight gradient.
     """
     if isinstance(grads, (list, tuple)):
+        if len(grads) < 2:
+            raise ValueError(f"grads must list at least the fc weight and bias gradients, got {len(grads)} tensors")
         fc_weight = grads[-2]
+        check_floating(fc_weight, "grads[-2]")
+        if fc_weight.dim() != 3:
+            raise ValueError(f"grads[-2] must be the fc weight gradient [K, classes, features], got shape "
+                             f"{tuple(fc_weight.shape)}")
     else:
+        check_floating(grads, "grads")
+        if grads.dim() != 2:
+            raise ValueError(f"grads must be a flat [K, P] tensor or a list, got shape {tuple(grads.shape)}")
         if encoder is None:
             raise ValueError("encoder is needed to find the fc weight gradient in a flat [K, P] grads tensor")
         s = parameter_layout(encoder)[-2]
@@ -232,14 +256,16 @@ class BatchedLBFGS:
     def __init__(self, x0: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, max_eval: Optional[int] = None,
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
                  rollback_nonfinite: bool = True):
+        check_floating(x0, "x0")
         if x0.dim() != 2:
             raise ValueError(f"x0 must be [K, D], got shape {tuple(x0.shape)}")
-        if lr < 0 or max_iter < 1 or history_size < 1:
-            raise ValueError(f"need lr >= 0, max_iter >= 1, history_size >= 1; got {lr}, {max_iter}, {history_size}")
-        self.lr, self.max_iter = float(lr), int(max_iter)
-        self.max_eval = int(max_eval) if max_eval is not None else self.max_iter * 5 // 4
-        self.tolerance_grad, self.tolerance_change = tolerance_grad, tolerance_change
-        self.rollback_nonfinite = bool(rollback_nonfinite)
+        self.lr = check_nonneg(lr, "lr")
+        self.max_iter = check_count(max_iter, "max_iter")
+        history_size = check_count(history_size, "history_size")
+        self.max_eval = check_count(max_eval, "max_eval") if max_eval is not None else self.max_iter * 5 // 4
+        self.tolerance_grad = check_nonneg(tolerance_grad, "tolerance_grad")
+        self.tolerance_change = check_nonneg(tolerance_change, "tolerance_change")
+        self.rollback_nonfinite = check_flag(rollback_nonfinite, "rollback_nonfinite")
         k, dim = x0.shape
         opts = dict(dtype=x0.dtype, device=x0.device)
         self.x = x0.detach().clone()
@@ -384,6 +410,10 @@ class ReconstructionResult:
 
 
 def _initial_images(init, k, shape, dtype, device, generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(init, (str, torch.Tensor)):
+        raise TypeError(f"init must be 'normal', 'uniform' or a [K, C, H, W] tensor, got {type(init).__name__}")
     if isinstance(init, torch.Tensor):
         if init.shape != (k, *shape):
             raise ValueError(f"init must be [K, C, H, W] = {(k, *shape)}, got shape {tuple(init.shape)}")
@@ -395,24 +425,34 @@ def _initial_images(init, k, shape, dtype, device, generator):
     raise ValueError(f"init must be 'normal', 'uniform' or a [K, C, H, W] tensor, got {init!r}")
 
 
-def _check_common(encoder, target, labels, optimizer, metric, steps, keep_last):
+def _check_common(encoder, target, labels, optimizer, metric, steps, keep_last, lr, max_iter, history_size):
     if not isinstance(encoder, LeNetEncoder):
         raise TypeError(f"encoder must be a LeNetEncoder, got {type(encoder).__name__}")
     p = sum(t.numel() for t in encoder.parameters())
     if target.shape[1] != p:
         raise ValueError(f"target_grads must have P = {p} columns (the encoder's parameter count), "
                          f"got shape {tuple(target.shape)}")
-    if optimizer not in ("lbfgs", "adam"):
-        raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-    if metric not in ops.MATCHING_METRICS:
-        raise ValueError(f"metric must be one of {ops.MATCHING_METRICS}, got {metric!r}")
-    if steps < 1 or keep_last < 1:
-        raise ValueError(f"steps and keep_last must be >= 1, got {steps}, {keep_last}")
+    check_choice(optimizer, ("lbfgs", "adam"), "optimizer")
+    check_choice(metric, ops.MATCHING_METRICS, "metric")
+    check_count(steps, "steps")
+    check_count(keep_last, "keep_last")
+    check_positive(lr, "lr")
+    check_count(max_iter, "max_iter")
+    check_count(history_size, "history_size")
     if labels is None:
         labels = recover_labels(target, encoder)
-    labels = torch.as_tensor(labels, device=target.device).long()
+    if isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.is_complex()
+                                             or labels.dtype == torch.bool):
+        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    try:
+        labels = torch.as_tensor(labels, device=target.device).long()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"labels must be a [K] integer tensor or sequence, got {type(labels).__name__}") from err
     if labels.shape != (target.shape[0],):
         raise ValueError(f"labels must be [K] = [{target.shape[0]}], got shape {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= encoder.num_classes):
+        raise ValueError(f"labels must be class ids in [0, {encoder.num_classes}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
     return labels
 
 
@@ -479,7 +519,7 @@ def reconstruct_from_gradients(encoder: LeNetEncoder, target_grads, labels=None,
     stopped (lbfgs only); False keeps iterating as torch.optim.LBFGS does.
     """
     target = _flatten_target(target_grads, encoder).detach()
-    labels = _check_common(encoder, target, labels, optimizer, metric, steps, keep_last)
+    labels = _check_common(encoder, target, labels, optimizer, metric, steps, keep_last, lr, max_iter, history_size)
     k, shape = target.shape[0], encoder.input_shape
     x0 = _initial_images(init, k, shape, target.dtype, target.device, generator)
     encoder = _working_encoder(encoder, target)
@@ -547,7 +587,7 @@ def reconstruct_sequential_reference(encoder: LeNetEncoder, target_grads, labels
     step. Same arguments and result as reconstruct_from_gradients (test oracle, benchmark baseline).
     """
     target = _flatten_target(target_grads, encoder).detach()
-    labels = _check_common(encoder, target, labels, optimizer, metric, steps, keep_last)
+    labels = _check_common(encoder, target, labels, optimizer, metric, steps, keep_last, lr, max_iter, history_size)
     k, shape = target.shape[0], encoder.input_shape
     x0 = _initial_images(init, k, shape, target.dtype, target.device, generator)
     encoder = _working_encoder(encoder, target)
@@ -601,7 +641,10 @@ def psnr(reconstructed: torch.Tensor, original: torch.Tensor, *, data_range: flo
     Shapes broadcast, e.g. reconstructed [K, T, C, H, W] against original [K, 1, C, H, W].
     Identical images give +inf.
     """
-    if reconstructed.dim() < 3 or original.dim() < 3:
-        raise ValueError("reconstructed and original must have at least 3 dims (C, H, W)")
+    for x, name in ((reconstructed, "reconstructed"), (original, "original")):
+        check_tensor(x, name)
+        if x.dim() < 3:
+            raise ValueError(f"{name} must have at least 3 dims (C, H, W), got shape {tuple(x.shape)}")
+    data_range = check_positive(data_range, "data_range")
     mse = (reconstructed.double() - original.double()).pow(2).mean(dim=(-3, -2, -1))
     return 10 * torch.log10(data_range ** 2 / mse)

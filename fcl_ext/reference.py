@@ -32,8 +32,10 @@ def softmax_entropy(logits: torch.Tensor, *, reduction: str = "mean", eps: float
 # ---- glfc losses (issue 3) ------------------------------------------------------
 # GLFC's local objective as its reference code computes it (specs/glfc.md 1.2-1.3).
 
-def as_old_class_mask(old_class_mask: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """A bool mask [C]; a 1-D integer tensor of class ids is converted."""
+def as_old_class_mask(old_class_mask, num_classes: int, device=None) -> torch.Tensor:
+    """A bool mask [C]; a 1-D integer tensor of class ids is converted, None is "no old class"."""
+    if old_class_mask is None:
+        return torch.zeros(num_classes, dtype=torch.bool, device=device)
     if old_class_mask.dtype == torch.bool:
         return old_class_mask
     mask = torch.zeros(num_classes, dtype=torch.bool, device=old_class_mask.device)
@@ -49,7 +51,8 @@ def gradient_compensation_weights(logits, labels, old_class_mask):
     gets w = 1 (the reference code divides by zero there).
     """
     n, c = logits.shape
-    mask = as_old_class_mask(old_class_mask, c)
+    mask = as_old_class_mask(old_class_mask, c, logits.device).to(logits.device)
+    labels = labels.long()  # any integer dtype, as the op
     with torch.no_grad():
         target_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1)
         target_logit = target_logit.double() if logits.dtype == torch.float64 else target_logit.float()
@@ -69,7 +72,7 @@ def gradient_compensation_weights(logits, labels, old_class_mask):
 def gradient_compensated_bce(logits, labels, old_class_mask, *, reduction="mean", return_weights=False):
     """L_GC = (1/(N C)) sum_i w_i sum_c BCEwithlogits(o_ic, onehot(y)_ic)."""
     n, c = logits.shape
-    target = F.one_hot(labels, c).to(logits.dtype)
+    target = F.one_hot(labels.long(), c).to(logits.dtype)
     w = gradient_compensation_weights(logits, labels, old_class_mask)
     rows = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1) / c
     per_sample = w.to(rows.dtype) * rows
@@ -80,9 +83,10 @@ def gradient_compensated_bce(logits, labels, old_class_mask, *, reduction="mean"
 def relation_distillation_bce(logits, labels, old_logits, *, reduction="mean"):
     """L_RD = (1/(N C)) sum BCEwithlogits(o, [sigmoid(q) || onehot(y)[:, C_old:]]); no grad to q."""
     n, c = logits.shape
-    target = F.one_hot(labels, c).to(logits.dtype)
+    target = F.one_hot(labels.long(), c).to(logits.dtype)
     c_old = old_logits.shape[1]
-    target = torch.cat([torch.sigmoid(old_logits.detach()).to(logits.dtype), target[:, c_old:]], dim=1)
+    # The teacher is cast to the student's dtype before the sigmoid, as the op does.
+    target = torch.cat([torch.sigmoid(old_logits.detach().to(logits.dtype)), target[:, c_old:]], dim=1)
     per_sample = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1) / c
     return reduce(per_sample, reduction)
 
@@ -123,14 +127,18 @@ def cross_correlation_loss(a, b, *, off_diag_weight=0.0051, off_diag_target=-1.0
 def dual_distillation_loss(logits, labels, intra_logits=None, inter_logits=None, *, temperature=1.0,
                            ce_weight=1.0, intra_weight=1.0, inter_weight=1.0, temperature_squared=False):
     """w_ce CE(s, y) + w_intra KL(p_intra || q) + w_inter KL(p_inter || q), KL batchmean, q = softmax(s/T)."""
-    loss = ce_weight * F.cross_entropy(logits, labels)
+    loss = ce_weight * F.cross_entropy(logits, labels.long())
     log_q = F.log_softmax(logits / temperature, dim=1)
     scale = temperature ** 2 if temperature_squared else 1.0
     for teacher, weight in ((intra_logits, intra_weight), (inter_logits, inter_weight)):
         if teacher is None:
             continue
-        log_p = F.log_softmax(teacher.detach() / temperature, dim=1)
-        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+        # The teacher is cast to the student's dtype, as the op does.
+        log_p = F.log_softmax(teacher.detach().to(logits.dtype) / temperature, dim=1)
+        # KL batchmean = sum p (log p - log q) / N, with 0 log 0 = 0 where a teacher logit is -inf
+        # (F.kl_div gives NaN there); a NaN teacher still gives NaN.
+        terms = torch.where(log_p == float("-inf"), torch.zeros_like(log_q), log_p.exp() * (log_p - log_q))
+        kl = terms.sum() / logits.shape[0]
         loss = loss + weight * scale * kl
     return loss
 
@@ -147,8 +155,8 @@ def gradient_matching_loss(grads, target_grads, *, metric="l2"):
         out = (g - t).pow(2).sum(1)
     elif metric == "cosine":
         den = g.norm(dim=1) * t.norm(dim=1)
-        ok = den > 0
-        out = torch.where(ok, 1 - (g * t).sum(1) / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
+        zero = den == 0  # a zero norm: distance 1 by definition; NaN stays NaN
+        out = torch.where(zero, torch.ones_like(den), 1 - (g * t).sum(1) / torch.where(zero, torch.ones_like(den), den))
     else:
         raise ValueError(f"metric must be one of ('l2', 'cosine'), got {metric!r}")
     return out.to(grads.dtype)

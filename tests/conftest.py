@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.testing import register_hypothesis_profiles
+
 SEED = 0
 
 
@@ -31,3 +33,8 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Hypothesis profiles for the property tests (tests/testing.py): "fast" by default,
+# FCL_EXT_HYPOTHESIS=large for the big run (tests/test_properties_large.py, -m slow).
+register_hypothesis_profiles()

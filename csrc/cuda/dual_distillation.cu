@@ -15,7 +15,7 @@
 namespace fcl_ext {
 namespace {
 
-constexpr int kStats = 4;  // lse(s), lse(s/T), lse(t_intra/T), lse(t_inter/T)
+constexpr int kStats = kDualDistillationStats;  // layout: csrc/cpu/dual_distillation.cpp row_forward
 // Kernels may run with up to 1024 threads (cuda::row_block_threads): __launch_bounds__ keeps their
 // register use within what a 1024-thread block can have.
 
@@ -44,11 +44,12 @@ __global__ void __launch_bounds__(1024)
   }
   z1 = cuda::block_sum(z1, shared);
   zt = cuda::block_sum(zt, shared);
-  const acc_t lse_s = ms + ::log(z1), lse_st = ms * inv_t + ::log(zt);
+  // Maxima and log-sums kept apart (as on the CPU): x - max stays exact for large |x|.
+  const acc_t log_z1 = ::log(z1), log_zt = ::log(zt);
   const int64_t y = labels[r];
   CUDA_KERNEL_ASSERT(y >= 0 && y < C);
-  acc_t loss = ce_w * (lse_s - static_cast<acc_t>(srow[y]));
-  acc_t lse_t[2] = {0, 0};
+  acc_t loss = ce_w * ((ms - static_cast<acc_t>(srow[y])) + log_z1);
+  acc_t max_t[2] = {0, 0}, log_z_t[2] = {0, 0};
   const scalar_t* teachers[2] = {t1, t2};
   const acc_t weights[2] = {w1, w2};
   for (int k = 0; k < 2; ++k) {
@@ -60,20 +61,24 @@ __global__ void __launch_bounds__(1024)
       const acc_t t = static_cast<acc_t>(trow[c]);
       const acc_t e = ::exp((t - mt) * inv_t);
       z += e;
-      gap += math::kd_weighted_gap(e, t, static_cast<acc_t>(srow[c]));
+      gap += math::kd_weighted_gap(e, t - mt, static_cast<acc_t>(srow[c]) - ms);
     }
     z = cuda::block_sum(z, shared);
     gap = cuda::block_sum(gap, shared);
-    lse_t[k] = mt * inv_t + ::log(z);
-    loss += weights[k] * (gap * inv_t / z - lse_t[k] + lse_st);
+    max_t[k] = mt;
+    log_z_t[k] = ::log(z);
+    loss += weights[k] * (gap * inv_t / z + (log_zt - log_z_t[k]));
   }
   if (threadIdx.x == 0) {
     row_loss[r] = loss;
     acc_t* st = stats + kStats * r;
-    st[0] = lse_s;
-    st[1] = lse_st;
-    st[2] = lse_t[0];
-    st[3] = lse_t[1];
+    st[0] = ms;
+    st[1] = log_z1;
+    st[2] = log_zt;
+    st[3] = max_t[0];
+    st[4] = log_z_t[0];
+    st[5] = max_t[1];
+    st[6] = log_z_t[1];
   }
 }
 
@@ -103,9 +108,10 @@ __global__ void __launch_bounds__(1024)
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const int64_t e = r * C + c;
     const acc_t x = static_cast<acc_t>(s[e]);
-    acc_t v = ce_s * (::exp(x - st[0]) - (c == y ? acc_t(1) : acc_t(0))) + (k1 + k2) * ::exp(x * inv_t - st[1]);
-    if (t1 != nullptr) v -= k1 * ::exp(static_cast<acc_t>(t1[e]) * inv_t - st[2]);
-    if (t2 != nullptr) v -= k2 * ::exp(static_cast<acc_t>(t2[e]) * inv_t - st[3]);
+    const acc_t d = x - st[0];
+    acc_t v = ce_s * (::exp(d - st[1]) - (c == y ? acc_t(1) : acc_t(0))) + (k1 + k2) * ::exp(d * inv_t - st[2]);
+    if (t1 != nullptr) v -= k1 * ::exp((static_cast<acc_t>(t1[e]) - st[3]) * inv_t - st[4]);
+    if (t2 != nullptr) v -= k2 * ::exp((static_cast<acc_t>(t2[e]) - st[5]) * inv_t - st[6]);
     grad[e] = static_cast<scalar_t>(v);
   }
 }
@@ -157,6 +163,7 @@ at::Tensor dual_distillation_backward_cuda(const at::Tensor& grad_loss, const at
                                            const std::optional<at::Tensor>& inter_logits, const at::Tensor& stats,
                                            double temperature, double ce_weight, double intra_weight,
                                            double inter_weight) {
+  check_dual_distillation_backward_inputs(grad_loss, logits, labels, intra_logits, inter_logits, stats, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
   const auto s = logits.contiguous();

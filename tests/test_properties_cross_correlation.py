@@ -1,0 +1,106 @@
+"""Property-based tests of cross_correlation_matrix / cross_correlation_loss (issue 17): random
+valid inputs against the float64 twin (values and gradients, every float dtype, non-contiguous,
+column offsets), random invalid inputs, NaN/Inf inputs, and crash-isolated direct torch.ops
+calls. Example counts: the hypothesis profile."""
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from fcl_ext import ops, reference
+from tests.properties import (assert_like_twin, assert_nan_like_twin, assert_rejected, dtypes, layouts, leaf,
+                              run_op_fuzz, tensor)
+
+FORMS = [dict(), dict(off_diag_target=0.0, unbiased=False, eps=1e-5), dict(off_diag_weight=0.3, eps=1e-3)]
+
+
+@given(batch=st.integers(2, 24), ka=st.integers(1, 6), kb=st.integers(1, 6), dtype=dtypes(), layout=layouts(),
+       scale=st.sampled_from([1e-2, 1.0, 30.0]), offset=st.sampled_from([0.0, 3.0, -50.0]),
+       form=st.sampled_from(range(len(FORMS))), seed=st.integers(0, 2 ** 16))
+def test_valid_inputs_match_twin(batch, ka, kb, dtype, layout, scale, offset, form, seed):
+    kw = FORMS[form]
+    a, a64 = leaf(tensor((batch, ka), dtype, scale=scale, seed=seed, layout=layout, offset=offset))
+    b, b64 = leaf(tensor((batch, kb), dtype, scale=scale, seed=seed + 1, offset=-offset))
+    # rounding to a narrow dtype can make a column constant (an error with eps = 0, tested elsewhere)
+    assume(bool((a64.var(0) > 0).all() and (b64.var(0) > 0).all()))
+    # Standardising a column divides by its std: the rounding of offset (and of the dtype's
+    # inputs) is amplified by |offset| / scale, the column's condition.
+    cond = 1.0 + abs(offset) / scale
+    m_kw = {k: v for k, v in kw.items() if k in ("unbiased", "eps")}
+    m = ops.cross_correlation_matrix(a, b, **m_kw)
+    m64 = reference.cross_correlation_matrix(a64, b64, **m_kw)
+    assert m.dtype == dtype
+    assert_like_twin(m, m64, dtype, floor=1.0, compute_scale=cond * batch, what="matrix")
+    grad_m = tensor(m.shape, torch.float64, seed=seed + 2)
+    ga, gb = torch.autograd.grad(m, (a, b), grad_m.to(dtype))
+    ga64, gb64 = torch.autograd.grad(m64, (a64, b64), grad_m)
+    top = float(grad_m.abs().max()) * max(ka, kb) / scale
+    assert_like_twin(ga, ga64, dtype, cond=4.0, compute_scale=cond * top, what="matrix grad a")
+    assert_like_twin(gb, gb64, dtype, cond=4.0, compute_scale=cond * top, what="matrix grad b")
+    if ka == kb:
+        b2, b2_64 = leaf(tensor((batch, ka), dtype, scale=scale, seed=seed + 3, layout=layout))
+        assume(bool((b2_64.var(0) > 0).all()))
+        out = ops.cross_correlation_loss(a, b2, **kw)
+        exact = reference.cross_correlation_loss(a64, b2_64, **kw)
+        assert_like_twin(out, exact, dtype, floor=float(ka * ka), compute_scale=cond * batch * ka * ka, what="loss")
+        ga, gb = torch.autograd.grad(out, (a, b2))
+        ga64, gb64 = torch.autograd.grad(exact, (a64, b2_64))
+        assert_like_twin(ga, ga64, dtype, cond=4.0, compute_scale=cond * ka * ka / scale, what="loss grad a")
+        assert_like_twin(gb, gb64, dtype, cond=4.0, compute_scale=cond * ka * ka / scale, what="loss grad b")
+
+
+@given(batch=st.integers(2, 8), k=st.integers(1, 4), dtype=st.sampled_from([torch.float64, torch.float32]),
+       bad=st.lists(st.tuples(st.integers(0, 31), st.sampled_from(["nan", "inf", "-inf"])), min_size=1, max_size=3),
+       in_b=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_non_finite_inputs_like_twin(batch, k, dtype, bad, in_b, seed):
+    # eps > 0 so that a column is never an error: the result must then be NaN exactly like the twin's.
+    a, b = tensor((batch, k), dtype, seed=seed), tensor((batch, k), dtype, seed=seed + 1)
+    target = b if in_b else a
+    for flat, value in bad:
+        target.view(-1)[flat % target.numel()] = float(value)
+    a, a64 = leaf(a)
+    b, b64 = leaf(b)
+    m = ops.cross_correlation_matrix(a, b, eps=1e-5)
+    m64 = reference.cross_correlation_matrix(a64, b64, eps=1e-5)
+    assert_nan_like_twin(m, m64, what="matrix")
+    out = ops.cross_correlation_loss(a, b, eps=1e-5)
+    exact = reference.cross_correlation_loss(a64, b64, eps=1e-5)
+    assert_nan_like_twin(out, exact, what="loss")
+    ga, = torch.autograd.grad(out, a)
+    ga64, = torch.autograd.grad(exact, a64)
+    assert_nan_like_twin(ga, ga64, what="grad a")
+
+
+def _p(batch=4, k=3, dtype=torch.float32, seed=0):
+    return tensor((batch, k), dtype, seed=seed)
+
+
+BAD_CALLS = {
+    "a not a tensor": (lambda: ops.cross_correlation_loss([[1.0]], _p()), "a"),
+    "integer b": (lambda: ops.cross_correlation_matrix(_p(), torch.ones(4, 3, dtype=torch.int64)), "b"),
+    "a 1-D": (lambda: ops.cross_correlation_matrix(tensor((4,)), _p()), "a"),
+    "batch of one": (lambda: ops.cross_correlation_loss(_p(1), _p(1)), "a"),
+    "batch sizes differ": (lambda: ops.cross_correlation_matrix(_p(4), _p(5)), ("a", "b")),
+    "loss shapes differ": (lambda: ops.cross_correlation_loss(_p(4, 3), _p(4, 2)), "b"),
+    "dtypes differ": (lambda: ops.cross_correlation_loss(_p(), _p(dtype=torch.float64)), "b"),
+    "constant column, eps 0": (lambda: ops.cross_correlation_loss(torch.ones(4, 3), _p()), ("a", "column")),
+    "NaN column, eps 0": (lambda: ops.cross_correlation_matrix(_p().index_fill(0, torch.tensor([1]), float("nan")),
+                                                                _p(seed=1)), ("a", "NaN")),
+    "unbiased not bool": (lambda: ops.cross_correlation_loss(_p(), _p(), unbiased="yes"), "unbiased"),
+}
+
+
+@given(case=st.sampled_from(sorted(BAD_CALLS)), value=st.sampled_from([None, "1", -1.0, float("nan"), float("inf")]),
+       which=st.sampled_from(["call", "eps", "off_diag_weight", "off_diag_target"]))
+def test_invalid_inputs_raise_naming_the_argument(case, value, which):
+    if which == "call":
+        call, name = BAD_CALLS[case]
+        assert_rejected(call, name, case)
+    elif which == "off_diag_target" and value == -1.0:
+        ops.cross_correlation_loss(_p(), _p(seed=1), off_diag_target=value)  # any finite target is valid
+    else:
+        assert_rejected(lambda: ops.cross_correlation_loss(_p(), _p(seed=1), **{which: value}), which,
+                        f"{which}={value!r}")
+
+
+def test_direct_op_calls_never_crash():
+    assert run_op_fuzz("cross_correlation")["cases"] > 0
