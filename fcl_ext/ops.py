@@ -192,7 +192,7 @@ def cross_correlation_matrix(a: torch.Tensor, b: torch.Tensor, *, unbiased: bool
     gather_distributed=True: M of the batch spread over the ranks of `group` when a torch.distributed
     group is initialised (batch_stats "global" or "local"; see fcl_ext.distributed).
     """
-    if gather_distributed:
+    if check_flag(gather_distributed, "gather_distributed"):
         from fcl_ext import distributed
         return distributed.cross_correlation_matrix(a, b, unbiased=unbiased, eps=eps, batch_stats=batch_stats,
                                                     group=group)
@@ -216,7 +216,7 @@ def cross_correlation_loss(a: torch.Tensor, b: torch.Tensor, *, off_diag_weight:
     ranks of `group`: batch_stats="global" gives the loss of the concatenated batch (official Barlow
     Twins), "local" lightly's gather_distributed=True loss; see fcl_ext.distributed.
     """
-    if gather_distributed:
+    if check_flag(gather_distributed, "gather_distributed"):
         from fcl_ext import distributed
         return distributed.cross_correlation_loss(a, b, off_diag_weight=off_diag_weight,
                                                   off_diag_target=off_diag_target, unbiased=unbiased, eps=eps,

@@ -105,19 +105,30 @@ def glfc_loss(logits, labels, old_class_mask, old_logits=None, *, gc_weight=0.5,
 # ---- fccl losses (issue 4) ------------------------------------------------------
 # FCCL's collaborative and local objectives (specs/fccl.md 1.3-1.4).
 
-def cross_correlation_matrix(a, b, *, unbiased=True, eps=0.0):
-    """M = a_hat^T b_hat / B with per-column batch standardisation (var unbiased or biased)."""
+def cross_correlation_matrix(a, b, *, unbiased=True, eps=0.0, gather_distributed=False, batch_stats="global",
+                             group=None):
+    """M = a_hat^T b_hat / B with per-column batch standardisation (var unbiased or biased).
+
+    gather_distributed=True: the batch spread over the ranks of `group` (fcl_ext.distributed, itself
+    plain PyTorch around the collectives); without an initialised group it is the local M.
+    """
+    if gather_distributed:
+        from fcl_ext import distributed
+        return distributed.cross_correlation_matrix(a, b, unbiased=unbiased, eps=eps, batch_stats=batch_stats,
+                                                    group=group)
     def standardise(z):
         return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=unbiased) + eps)
     return standardise(a).T @ standardise(b) / a.shape[0]
 
 
-def cross_correlation_loss(a, b, *, off_diag_weight=0.0051, off_diag_target=-1.0, unbiased=True, eps=0.0):
+def cross_correlation_loss(a, b, *, off_diag_weight=0.0051, off_diag_target=-1.0, unbiased=True, eps=0.0,
+                           gather_distributed=False, batch_stats="global", group=None):
     """sum_u (M_uu - 1)^2 + lambda sum_{u != v} (M_uv - tau)^2.
 
     FCCL: tau = -1, unbiased, eps = 0. Barlow Twins: tau = 0, biased, eps = 1e-5.
     """
-    m = cross_correlation_matrix(a, b, unbiased=unbiased, eps=eps)
+    m = cross_correlation_matrix(a, b, unbiased=unbiased, eps=eps, gather_distributed=gather_distributed,
+                                 batch_stats=batch_stats, group=group)
     on_diag = (torch.diagonal(m) - 1).pow(2).sum()
     off = ~torch.eye(m.shape[0], dtype=torch.bool, device=m.device)
     off_diag = (m[off] - off_diag_target).pow(2).sum()
