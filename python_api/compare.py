@@ -40,8 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from python_api.config import ConfigError, list_presets, load_config, read_yaml_source, to_dict
 
 __all__ = ["RunSpec", "plan_from_yaml", "plan_from_names", "run_compare", "aggregate", "markdown_table"]
@@ -139,7 +137,8 @@ def run_status(spec: RunSpec, cfg, out: Path) -> str:
     run_dir = spec.run_dir(out)
     if not (run_dir / "config.yaml").exists():
         return "fresh"
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # through the config class, so a key added since the run was made compares at its default
+    saved = to_dict(load_config(type(cfg), run_dir / "config.yaml"))
     if _comparable(saved) != _comparable(to_dict(cfg)):
         raise ConfigError(f"compare: {run_dir} holds a run with a different config; use another --out or remove it")
     metrics = run_dir / "metrics.json"

@@ -221,6 +221,6 @@ def test_presets_share_glfcs_stream_switch_for_switch():
 
 
 def test_ewc_fisher_cap(tmp_path):
-    run_training("ewc", tiny_baseline_config("ewc", "ewc.fisher_max=1e-6"), out_dir=tmp_path / "run", verbose=False)
+    run_training("ewc", tiny_baseline_config("ewc", "ewc.fisher_max=0.000001"), out_dir=tmp_path / "run", verbose=False)
     pen = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["method_state"]["penalties"][0]["fisher"]
     assert max(float(f.max()) for f in pen.values()) == pytest.approx(1e-6)
