@@ -102,12 +102,14 @@ def run_case(benchmark, *, op, mode, device, dtype, shape, impl, make_call, byte
 
     mode "fwd" times the forward; "fwd+bwd" times forward plus torch.autograd.grad.
     reference: the same call through the eager reference; the fcl_ext case first checks it matches.
-    main_shape: the op's first shape; with FCL_EXT_BENCH_COMPILE=main (gpu-check) only it is compiled.
+    main_shape: the op's first shape; with FCL_EXT_BENCH_COMPILE=main (gpu-check) only it (fwd+bwd) is compiled.
     """
     if impl == "compiled" and smoke:
         pytest.skip("torch.compile is skipped in smoke mode (make test); make bench runs it")
-    if impl == "compiled" and not main_shape and os.environ.get("FCL_EXT_BENCH_COMPILE") == "main":
-        pytest.skip("FCL_EXT_BENCH_COMPILE=main: torch.compile only at the op's main shape")
+    if impl == "compiled" and os.environ.get("FCL_EXT_BENCH_COMPILE") == "main" and not (
+            main_shape and mode == "fwd+bwd"):
+        pytest.skip("FCL_EXT_BENCH_COMPILE=main (gpu-check's time budget): torch.compile only at the op's main "
+                    "shape, fwd+bwd")
     if impl == "fcl_ext" and reference is not None:
         check_against_reference(make_call, reference, dtype, f"{op} {mode} {device} {shape}")
     benchmark.group = f"{op} | {mode} | {device} | {str(dtype).replace('torch.', '')} | {shape}"

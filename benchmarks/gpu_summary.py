@@ -138,7 +138,7 @@ def write(out: Path, steps: dict, started: float):
                                                           "compiled_s": compiled, "gb_per_s": gbps, "peak_bytes": peak})
             body.append("")
             body.append("×eager / ×compiled: fcl_ext time over the other's (below 1 = fcl_ext faster). "
-                        "compiled is measured only at each op's main shape (— elsewhere).")
+                        "compiled is measured only at each op's main shape, fwd+bwd (— elsewhere).")
             body.append("")
         else:
             body += ["Benchmarks: none recorded (see bench/*.log).", ""]
@@ -181,8 +181,12 @@ def write(out: Path, steps: dict, started: float):
         merged = dict(runs[0])
         merged["benchmarks"] = [b for r in runs for b in r.get("benchmarks", [])]
         (out / "bench.json").write_text(json.dumps(merged))
+        import shutil
         from benchmarks import report
         docs = out / "docs"
+        repo_perf = Path(__file__).resolve().parents[1] / "docs" / "perf"
+        if repo_perf.exists():  # the other machines' runs, the notes and the bandwidth model
+            shutil.copytree(repo_perf, docs / "perf", dirs_exist_ok=True)
         report.main([str(out / "bench.json"), "--docs", str(docs)])
         (out / "performance.md").write_text((docs / "performance.md").read_text())
     print(text)

@@ -35,10 +35,9 @@ def softmax_entropy(logits: torch.Tensor, *, reduction: str = "mean", eps: float
 # and the gradient-compensation weights; the three functions pick its gc/rd weights.
 
 def _check_values_in_range(values: torch.Tensor, upper: int, name: str) -> None:
-    # Data-dependent, so skipped while torch.compile traces and for CUDA tensors (it would be a host
-    # sync on every call): the CPU kernel checks labels again, the CUDA kernel records a device error
-    # (NaN rows; fcl_ext.check_device_errors() raises it).
-    if values.numel() == 0 or values.is_cuda or torch.compiler.is_compiling():
+    # Data-dependent (one host sync on CUDA), so skipped while torch.compile traces; the CPU
+    # kernel checks labels again and the CUDA kernel asserts.
+    if values.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = torch.aminmax(values)
     lo, hi = int(lo), int(hi)
@@ -82,13 +81,8 @@ def _glfc_old_class_mask(old_class_mask, logits):
         if old_class_mask.dim() != 1:
             raise ValueError(f"old_class_mask (class ids) must be 1-D, got shape {tuple(old_class_mask.shape)}")
         _check_values_in_range(old_class_mask, c, "old_class_mask")
-        ids = old_class_mask.long()
-        # On CUDA the range is not checked (no sync): an id outside [0, C) lands in a spare slot that is
-        # dropped, instead of an out-of-bounds write (a device assert that poisons the context).
-        ids = torch.where((ids >= 0) & (ids < c), ids, c)
-        mask = torch.zeros(c + 1, dtype=torch.bool, device=old_class_mask.device)
-        mask[ids] = True
-        mask = mask[:c]
+        mask = torch.zeros(c, dtype=torch.bool, device=old_class_mask.device)
+        mask[old_class_mask.long()] = True
     else:
         raise ValueError("old_class_mask must be a bool mask [C] or a 1-D integer tensor of class ids, got dtype "
                          f"{old_class_mask.dtype}")

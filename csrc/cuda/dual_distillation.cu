@@ -19,7 +19,10 @@
 namespace fcl_ext {
 namespace {
 
-constexpr int kStats = 4;  // lse(s), lse(s/T), lse(t_intra/T), lse(t_inter/T)
+// Per-row stats, the CPU kernel's layout: max s, log sum exp(s - max s), log sum exp((s - max s)/T), then per
+// teacher max t, log sum exp((t - max t)/T) (0, 0 for an absent teacher). Maxima and log-sums stay apart so
+// large logits lose no digits; max s is NaN for a row whose loss is NaN (an invalid label).
+constexpr int kStats = 7;
 // Kernels may run with up to 1024 threads (cuda::row_block_threads): __launch_bounds__ keeps their
 // register use within what a 1024-thread block can have.
 
@@ -63,7 +66,7 @@ __global__ void __launch_bounds__(1024)
   }
   acc_t loss = valid ? ce_w * ((ms - static_cast<acc_t>(srow[y])) + log_z1)
                      : std::numeric_limits<acc_t>::quiet_NaN();
-  acc_t lse_t[2] = {0, 0};
+  acc_t max_t[2] = {0, 0}, log_z_t[2] = {0, 0};
   const scalar_t* teachers[2] = {t1, t2};
   const acc_t weights[2] = {w1, w2};
 #pragma unroll
@@ -77,22 +80,25 @@ __global__ void __launch_bounds__(1024)
       const acc_t t = static_cast<acc_t>(trow[c]);
       const acc_t e = ::exp((t - mt) * inv_t);
       z += e;
-      gap += math::kd_weighted_gap(e, t, static_cast<acc_t>(srow[c]));
+      gap += math::kd_weighted_gap(e, t - mt, static_cast<acc_t>(srow[c]) - ms);
     }
     z = cuda::row_sum<kWarpPerRow>(z, shared);
     gap = cuda::row_sum<kWarpPerRow>(gap, shared);
-    const acc_t log_z = ::log(z);
-    lse_t[k] = mt * inv_t + log_z;
-    // KL = sum p_t (t - s) / T - lse(t/T) + lse(s/T), with both lse split into max and log-sum.
-    loss += weights[k] * (gap * inv_t / z + (ms - mt) * inv_t + (log_zt - log_z));
+    max_t[k] = mt;
+    log_z_t[k] = ::log(z);
+    // KL = sum p_t (t - s) / T - lse(t/T) + lse(s/T); with t' = t - max t, s' = s - max s the maxima cancel.
+    loss += weights[k] * (gap * inv_t / z + (log_zt - log_z_t[k]));
   }
   if (map.tid == 0) {
     row_loss[r] = loss;
     acc_t* st = stats + kStats * r;
-    st[0] = ms + log_z1;
-    st[1] = ms * inv_t + log_zt;
-    st[2] = lse_t[0];
-    st[3] = lse_t[1];
+    st[0] = valid ? ms : std::numeric_limits<acc_t>::quiet_NaN();
+    st[1] = log_z1;
+    st[2] = log_zt;
+    st[3] = max_t[0];
+    st[4] = log_z_t[0];
+    st[5] = max_t[1];
+    st[6] = log_z_t[1];
   }
 }
 
@@ -120,7 +126,8 @@ __global__ void __launch_bounds__(1024)
   const acc_t k1 = t1 != nullptr ? scale * w1 * inv_t : acc_t(0);
   const acc_t k2 = t2 != nullptr ? scale * w2 * inv_t : acc_t(0);
   const acc_t* st = stats + kStats * r;
-  const acc_t lse_s = st[0], lse_st = st[1], lse_t1 = st[2], lse_t2 = st[3];
+  const acc_t ms = st[0], log_z1 = st[1], log_zt = st[2], mt1 = st[3], log_z_t1 = st[4], mt2 = st[5],
+              log_z_t2 = st[6];
   const int64_t y = labels[r];
   const bool valid = y >= 0 && y < C;  // else a NaN row (the forward recorded the error)
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -128,10 +135,10 @@ __global__ void __launch_bounds__(1024)
 #pragma unroll 4
   for (int64_t c = map.tid; c < C; c += map.nthreads) {
     const int64_t e = base + c;
-    const acc_t x = static_cast<acc_t>(s[e]);
-    acc_t v = ce_s * (::exp(x - lse_s) - (c == y ? acc_t(1) : acc_t(0))) + (k1 + k2) * ::exp(x * inv_t - lse_st);
-    if (t1 != nullptr) v -= k1 * ::exp(static_cast<acc_t>(t1[e]) * inv_t - lse_t1);
-    if (t2 != nullptr) v -= k2 * ::exp(static_cast<acc_t>(t2[e]) * inv_t - lse_t2);
+    const acc_t d = static_cast<acc_t>(s[e]) - ms;
+    acc_t v = ce_s * (::exp(d - log_z1) - (c == y ? acc_t(1) : acc_t(0))) + (k1 + k2) * ::exp(d * inv_t - log_zt);
+    if (t1 != nullptr) v -= k1 * ::exp((static_cast<acc_t>(t1[e]) - mt1) * inv_t - log_z_t1);
+    if (t2 != nullptr) v -= k2 * ::exp((static_cast<acc_t>(t2[e]) - mt2) * inv_t - log_z_t2);
     grad[e] = static_cast<scalar_t>(valid ? v : nan);
   }
 }

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(1024) glfc_rows_fwd_kernel(const scalar_t* __r
 // One block: group means of G (old / new label), then w, the per-sample loss and row_stats / C.
 // `weights` holds G on entry and w on exit.
 template <typename scalar_t, typename opmath_t>
-__global__ void glfc_batch_kernel(const int64_t* __restrict__ labels, const bool* __restrict__ mask,
+__global__ void __launch_bounds__(kBatchThreads) glfc_batch_kernel(const int64_t* __restrict__ labels, const bool* __restrict__ mask,
                                   opmath_t* __restrict__ weights, opmath_t* __restrict__ row_stats,
                                   scalar_t* __restrict__ per_sample, int64_t N, int64_t C, opmath_t gc_weight,
                                   opmath_t rd_weight) {
