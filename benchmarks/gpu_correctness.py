@@ -212,11 +212,12 @@ def trainers(out: Path, runs, backend_key, tolerance_pp, budget_s):
             for device in ("cuda", "cpu"):
                 tag = f"{name}-{backend}-{device}"
                 run_dir = base / tag
-                argv = [sys.executable, "-m", "python_api.cli", "train", method, "--config", preset, "--out",
-                        str(run_dir), "--no-progress", f"run.device={device}", f"{backend_key[name]}={backend}",
-                        *overrides]
+                settings = [f"run.device={device}", f"{backend_key[name]}={backend}", *overrides]
                 if method == "fccl":
-                    argv.append(f"pretrain.cache_dir={base / ('cache-' + tag)}")
+                    settings.append(f"pretrain.cache_dir={base / ('cache-' + tag)}")
+                # key=value settings right after the method: argparse takes them only there
+                argv = [sys.executable, "-m", "python_api.cli", "train", method, *settings, "--config", preset,
+                        "--out", str(run_dir), "--no-progress"]
                 log = (base / f"{tag}.log").open("w")
                 log.write("$ " + " ".join(argv) + "\n")
                 log.flush()
