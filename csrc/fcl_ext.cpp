@@ -56,7 +56,9 @@ TORCH_LIBRARY(fcl_ext, m) {
         "bool need_b) -> (Tensor grad_a, Tensor grad_b)");
   // FCCL local objective: ce_weight * CE(s, y) + sum over the given teachers of
   // weight * KL_batchmean(softmax(t / T) || softmax(s / T)); the weights already carry any T^2 factor.
-  // stats [N, 4] per row (accumulation dtype): log-sum-exp of s, of s/T, of t_intra/T, of t_inter/T.
+  // stats [N, 7] per row (accumulation dtype): max s, log sum exp(s - max s), log sum exp((s - max s)/T), then for
+  // t_intra and t_inter: max t, log sum exp((t - max t)/T) (0, 0 for an absent teacher). Maxima and log-sums stay
+  // apart so large logits lose no digits; max s is NaN for a row whose loss is NaN.
   m.def("dual_distillation_loss(Tensor logits, Tensor labels, Tensor? intra_logits, Tensor? inter_logits, "
         "float temperature, float ce_weight, float intra_weight, float inter_weight) -> (Tensor loss, Tensor stats)");
   m.def("_dual_distillation_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor? intra_logits, "

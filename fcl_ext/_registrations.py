@@ -191,7 +191,7 @@ _register_backward_op("fcl_ext::_cross_correlation_backward")
 @register_fake("fcl_ext::dual_distillation_loss")
 def _dual_distillation_loss_fake(logits, labels, intra_logits, inter_logits, temperature, ce_weight, intra_weight,
                                  inter_weight):
-    return logits.new_empty(()), logits.new_empty((logits.shape[0], 4), dtype=opmath_dtype(logits.dtype))
+    return logits.new_empty(()), logits.new_empty((logits.shape[0], 7), dtype=opmath_dtype(logits.dtype))
 
 
 @register_fake("fcl_ext::_dual_distillation_backward")

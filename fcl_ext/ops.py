@@ -35,8 +35,9 @@ def softmax_entropy(logits: torch.Tensor, *, reduction: str = "mean", eps: float
 # and the gradient-compensation weights; the three functions pick its gc/rd weights.
 
 def _check_values_in_range(values: torch.Tensor, upper: int, name: str) -> None:
-    # Data-dependent (one host sync on CUDA), so skipped while torch.compile traces; the CPU
-    # kernel checks labels again and the CUDA kernel asserts.
+    # Only for old_class_mask given as class ids (a convenience form; pass the bool mask to avoid it). Data-
+    # dependent (one host sync on CUDA), so skipped while torch.compile traces. Labels are not checked here:
+    # the kernels check them where they read them (no host sync), with an error naming labels[i].
     if values.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = torch.aminmax(values)
@@ -62,7 +63,6 @@ def _glfc_check_logits_labels(logits, labels):
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(f"labels must have shape [N] = [{n}] (one per logits row), got shape {tuple(labels.shape)}")
     check_same_device(logits, "logits", labels, "labels")
-    _check_values_in_range(labels, c, "labels")
     return labels.long()
 
 

@@ -355,3 +355,71 @@ def test_float32_large_offset_columns_keep_their_variance():
     for kw in FORMS.values():
         exact = reference.cross_correlation_loss(a.double(), b.double(), **kw)
         assert_close(ops.cross_correlation_loss(a, b, **kw), exact, torch.float32, rtol=1e-4, atol=0)
+
+
+# ---- regressions (issue 17) ---------------------------------------------------------------
+
+def test_backward_op_checks_stats_matrix_and_grad():
+    # Used to read out of bounds: the private backward trusted its saved stats and matrix.
+    a, b = (t.detach().float() for t in make_pair(6, 4))
+    loss, m, sa, sb = torch.ops.fcl_ext.cross_correlation_loss(a, b, 0.0051, -1.0, True, 0.0, True)
+    bwd = torch.ops.fcl_ext._cross_correlation_backward
+    one = torch.ones(())
+    with pytest.raises(RuntimeError, match=r"stats_a must have shape \[2, 4\]"):
+        bwd(one, a, b, sa[:, :2], sb, m, True, 0.0051, -1.0, True, True, True)
+    with pytest.raises(RuntimeError, match=r"stats_b must have shape \[2, 4\]"):
+        bwd(one, a, b, sa, sb[:1], m, True, 0.0051, -1.0, True, True, True)
+    with pytest.raises(RuntimeError, match="stats_a must have dtype Float"):  # float64 stats, float32 a
+        bwd(one, a, b, sa.double(), sb, m, True, 0.0051, -1.0, True, True, True)
+    with pytest.raises(RuntimeError, match=r"matrix must have shape \[4, 4\]"):
+        bwd(one, a, b, sa, sb, torch.zeros(0), True, 0.0051, -1.0, True, True, True)
+    with pytest.raises(RuntimeError, match=r"grad must have the shape of the matrix \[4, 4\]"):
+        bwd(torch.ones(3, 4), a, b, sa, sb, torch.zeros(0), True, 0.0, 0.0, False, True, True)
+    with pytest.raises(RuntimeError, match="grad must have 1 element"):
+        bwd(torch.ones(2), a, b, sa, sb, m, True, 0.0051, -1.0, True, True, True)
+
+
+def _matrix_vs_float64_twin(a, b, eps, unbiased=True):
+    m = ops.cross_correlation_matrix(a, b, unbiased=unbiased, eps=eps)
+    m_ref = reference.cross_correlation_matrix(a.double(), b.double(), unbiased=unbiased, eps=eps)
+    assert torch.isfinite(m_ref).all()
+    torch.testing.assert_close(m.double(), m_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_columns_near_the_float_range_are_not_constant():
+    # The one-pass variance overflowed for values near +-3e38 and was clamped to 0: "column 0 is constant".
+    g = torch.Generator().manual_seed(5)
+    a = (torch.rand(64, 3, generator=g, dtype=torch.float64) * 6e38 - 3e38).float()
+    b = torch.randn(64, 3, generator=g)
+    b[:, 0] += a[:, 0].double().mul(1e-38).float()
+    _matrix_vs_float64_twin(a, b, eps=0.0)
+    _matrix_vs_float64_twin(a, b, eps=1e-5)  # eps > 0: finite where the reference is finite (used to be NaN)
+
+
+def test_tiny_columns_are_not_constant():
+    # Squares of ~1e-25 underflow in float32: the variance came out 0 and the column "constant".
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(32, 2, generator=g) * 1e-25
+    b = torch.randn(32, 2, generator=g) + a.double().mul(1e25).float()
+    _matrix_vs_float64_twin(a, b, eps=0.0)
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_nan_column_with_eps_zero_says_nan(which):
+    # A NaN column used to be reported as "constant over the batch".
+    a, b = (t.detach() for t in make_pair(8, 3))
+    (a if which == "a" else b)[5, 1] = float("nan")
+    with pytest.raises(RuntimeError, match=rf"NaN in column 1 of {which}"):
+        ops.cross_correlation_loss(a, b)
+    with pytest.raises(RuntimeError, match=rf"NaN in column 1 of {which}"):
+        ops.cross_correlation_matrix(a, b)
+    # A truly constant column still says so.
+    c = a.nan_to_num()
+    c[:, 2] = 7.25
+    with pytest.raises(RuntimeError, match="column 2 of a is constant"):
+        ops.cross_correlation_matrix(c, b.nan_to_num())
+    # eps > 0: NaN flows through like the reference (no error, no hidden NaN).
+    m = ops.cross_correlation_matrix(a, b, eps=1e-5)
+    m_ref = reference.cross_correlation_matrix(a, b, eps=1e-5)
+    torch.testing.assert_close(m, m_ref, equal_nan=True)
+    assert m.isnan().any()

@@ -207,7 +207,7 @@ def test_bad_inputs_name_the_argument():
 
 def test_out_of_range_label_raises():
     s, y, t1, t2 = make_inputs(6, 4)
-    with pytest.raises(RuntimeError, match=r"labels\[2\] = 4 is out of range"):
+    with pytest.raises(ValueError, match=r"labels\[2\] = 4 is out of range"):
         ops.dual_distillation_loss(s, torch.tensor([0, 1, 4, 0, 0, 0]), t1, t2)
 
 
@@ -248,3 +248,126 @@ def test_property_matches_reference(N, C, scale, T, squared, teachers, seed):
     r, = torch.autograd.grad(ref, s)
     assert_close(g, r)
     assert abs(g.sum().item()) < 1e-9  # every term's gradient sums to zero over the classes
+
+
+# ---- regressions (issue 17, issue 12 items 3 and 5) -------------------------------------------
+
+def _loss_and_grad(fn, s, y, t1, t2, **kw):
+    s = s.detach().requires_grad_(True)
+    loss = fn(s, y, t1, t2, **kw)
+    g, = torch.autograd.grad(loss, s)
+    return loss.detach(), g
+
+
+def test_backward_op_checks_stats_labels_and_grad():
+    # Used to read and write out of bounds: the private backward trusted its stats and labels.
+    s, y, t1, t2 = (t.detach() if t is not None else None for t in make_inputs(6, 4, torch.float32))
+    _, stats = torch.ops.fcl_ext.dual_distillation_loss(s, y, t1, t2, 1.0, 1.0, 1.0, 1.0)
+    bwd = torch.ops.fcl_ext._dual_distillation_backward
+    one = torch.ones(())
+    with pytest.raises(RuntimeError, match=r"stats must have shape \[6, 7\]"):
+        bwd(one, s, y, t1, t2, stats[:, :4], 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"stats must have shape \[6, 7\]"):
+        bwd(one, s, y, t1, t2, stats[:2], 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="stats must have dtype Float"):  # float64 stats, float32 logits
+        bwd(one, s, y, t1, t2, stats.double(), 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"labels\[1\] = 9 is out of range \[0, 4\)"):
+        bwd(one, s, torch.tensor([0, 9, 1, 2, 3, 0]), t1, t2, stats, 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"labels\[5\] = -1 is out of range"):
+        bwd(one, s, torch.tensor([0, 1, 1, 2, 3, -1]), t1, t2, stats, 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="labels must have shape"):
+        bwd(one, s, y[:3], t1, t2, stats, 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="grad_loss must have 1 element"):
+        bwd(torch.ones(3), s, y, t1, t2, stats, 1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="teacher logits must have the shape"):
+        bwd(one, s, y, t1[:, :3], t2, stats, 1.0, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("teachers", TEACHERS)
+def test_large_logits_keep_max_and_log_sum_apart(teachers):
+    # The backward used to rebuild softmax from one stored log-sum-exp: [1e8, 1e8, 1e8, 0] gave [1, 1, 1, -1].
+    s = torch.tensor([[1e8, 1e8, 1e8, 0.0]])
+    y = torch.tensor([3])
+    t = torch.tensor([[1e8, 1e8 - 64, 1e8, 0.0]])  # distinct from s by exactly representable steps
+    t1 = t if teachers in ("both", "intra") else None
+    t2 = t.flip(1) if teachers in ("both", "inter") else None
+    for kw in (dict(), dict(temperature=2.0, temperature_squared=True)):
+        loss, g = _loss_and_grad(ops.dual_distillation_loss, s, y, t1, t2, **kw)
+        to64 = (lambda v: None if v is None else v.double())
+        loss_ref, g_ref = _loss_and_grad(reference.dual_distillation_loss, s.double(), y, to64(t1), to64(t2), **kw)
+        if teachers == "none" and not kw:
+            torch.testing.assert_close(g, torch.tensor([[1 / 3, 1 / 3, 1 / 3, -1.0]]), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("C", [10, 65, 300])  # row-blocked (C <= 64) and row paths
+@pytest.mark.parametrize("setting", ["fccl", "hinton"])
+def test_float32_offset_logits_are_as_accurate_as_unshifted(C, setting):
+    # A constant offset of 1e4 on float32 logits gave 2e-4 relative error in the gradient (twin: 1e-7), and the
+    # forward lost ulp(1e4) in lse(s) - s_y.
+    s, y, t1, t2 = make_inputs(37, C, torch.float64)
+    s, t1, t2 = (v.detach() + 1e4 for v in (s, t1, t2))
+    s32, t132, t232 = (v.float() for v in (s, t1, t2))
+    kw = SETTINGS[setting]
+    loss, g = _loss_and_grad(ops.dual_distillation_loss, s32, y, t132, t232, **kw)
+    # The float64 twin on the very same (float32-rounded) values.
+    loss_ref, g_ref = _loss_and_grad(reference.dual_distillation_loss, s32.double(), y, t132.double(), t232.double(),
+                                     **kw)
+    assert abs(loss.double() - loss_ref) / loss_ref.abs() < 2e-6
+    err = (g.double() - g_ref).abs().max() / g_ref.abs().max()
+    assert err < 2e-6, err
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("N", [5, 21])  # blocked path: 21 = two full 8-row blocks + a row-path tail
+@pytest.mark.parametrize("where", ["student", "intra", "inter", "student_inf", "student_all_minus_inf"])
+def test_nan_in_gives_nan_out_like_the_reference(dtype, N, where):
+    # The fast float exp maps NaN to a finite number: NaN logits gave a finite loss or finite gradients.
+    s, y, t1, t2 = make_inputs(N, 10, dtype)
+    s, t1, t2 = s.detach().clone(), t1.clone(), t2.clone()
+    bad_row = 3
+    target = {"student": s, "intra": t1, "inter": t2, "student_inf": s, "student_all_minus_inf": s}[where]
+    if where == "student_all_minus_inf":
+        target[bad_row] = float("-inf")
+    else:
+        target[bad_row, 7] = float("inf") if where == "student_inf" else float("nan")
+    loss, g = _loss_and_grad(ops.dual_distillation_loss, s, y, t1, t2)
+    loss_ref, g_ref = _loss_and_grad(reference.dual_distillation_loss, s, y, t1, t2)
+    assert loss.isnan() and loss_ref.isnan()
+    assert g[bad_row].isnan().all() and g_ref[bad_row].isnan().all()
+    keep = torch.arange(N) != bad_row
+    assert_close(g[keep], g_ref[keep], dtype)
+
+
+def test_labels_are_checked_in_the_kernel_loop_on_every_path():
+    # Row-blocked rows (0..15) and the row-path tail (16..19), forward and backward; no Python-side aminmax.
+    s, y, t1, t2 = make_inputs(20, 10, torch.float32)
+    for row in (2, 13, 18):
+        bad = y.clone()
+        bad[row] = 10
+        with pytest.raises(ValueError, match=rf"labels\[{row}\] = 10 is out of range \[0, 10\)"):
+            ops.dual_distillation_loss(s, bad, t1, t2)
+        _, stats = torch.ops.fcl_ext.dual_distillation_loss(s.detach(), y, t1, t2, 1.0, 1.0, 1.0, 1.0)
+        with pytest.raises(ValueError, match=rf"labels\[{row}\] = 10"):
+            torch.ops.fcl_ext._dual_distillation_backward(torch.ones(()), s.detach(), bad, t1, t2, stats, 1.0, 1.0,
+                                                          1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,C", [(8, 1), (16, 10), (19, 64), (9, 65), (3, 10)])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_row_blocked_path_matches_the_twin(dtype, N, C, setting):
+    # C <= 64 runs one row per SIMD lane; compare both paths and the block/tail split with the float64 twin.
+    s, y, t1, t2 = make_inputs(N, C, torch.float64, seed=N + C)
+    s, t1, t2 = s.detach().to(dtype), t1.to(dtype), t2.to(dtype)
+    kw = SETTINGS[setting]
+    loss, g = _loss_and_grad(ops.dual_distillation_loss, s, y, t1, t2, **kw)
+    loss_ref, g_ref = _loss_and_grad(reference.dual_distillation_loss, s.double(), y, t1.double(), t2.double(), **kw)
+    if dtype in (torch.float64, torch.float32):
+        tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
+        torch.testing.assert_close(loss.double(), loss_ref, **tol)
+        torch.testing.assert_close(g.double(), g_ref, **tol)
+    else:
+        assert_close(loss, loss_ref, dtype)
+        assert_close(g, g_ref, dtype)

@@ -336,7 +336,7 @@ def test_labels_out_of_range_rejected():
             ops.glfc_loss(x, bad, mask, q)
         with pytest.raises(ValueError, match="labels"):
             ops.relation_distillation_bce(x, bad, q)
-        with pytest.raises(RuntimeError, match="labels"):  # the kernel checks too (direct op calls)
+        with pytest.raises(ValueError, match="labels"):  # the kernel checks (also direct op calls)
             torch.ops.fcl_ext.glfc_loss(x, bad, mask, q, 0.5, 0.5)
 
 
@@ -455,3 +455,53 @@ def test_property_matches_reference(n, c, old_frac, c_old_frac, scale, seed, wei
     assert_close(w, w_ref)
     assert out >= 0  # BCE terms and weights are non-negative
     assert_close(*grads(out, ref, x))
+
+
+# ---- regressions (issue 17, issue 12 item 3) -----------------------------------------------
+
+def test_backward_op_checks_weights_and_grad():
+    x, y, mask, q = make_case(n=4, c=5, c_old=2, dtype=torch.float32, requires_grad=False)
+    _, w, _ = torch.ops.fcl_ext.glfc_loss(x, y, mask, q, 0.5, 0.5)
+    bwd = torch.ops.fcl_ext._glfc_loss_backward
+    with pytest.raises(RuntimeError, match="weights must have dtype Float"):  # float64 weights, float32 logits
+        bwd(torch.ones(4), x, y, q, w.double(), 0.5, 0.5)
+    with pytest.raises(RuntimeError, match=r"weights must have shape \[4\]"):
+        bwd(torch.ones(4), x, y, q, w[:2], 0.5, 0.5)
+    with pytest.raises(RuntimeError, match="grad_per_sample_loss must have 4 elements"):
+        bwd(torch.ones(3), x, y, q, w, 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"labels\[3\] = 5 is out of range \[0, 5\)"):
+        bwd(torch.ones(4), x, torch.tensor([0, 1, 2, 5]), q, w, 0.5, 0.5)
+
+
+def test_labels_are_checked_by_the_kernel_without_a_host_sync(monkeypatch):
+    # ops.py used torch.aminmax + int() (a host sync on CUDA on every call); the kernel now checks labels where it
+    # reads them and names the row, the value and the range.
+    x, y, mask, q = make_case(n=6, c=5, c_old=2)
+
+    def no_aminmax(*args, **kwargs):
+        raise AssertionError("ops.py must not check labels with torch.aminmax")
+
+    monkeypatch.setattr(torch, "aminmax", no_aminmax)
+    assert_close(ops.glfc_loss(x, y, mask, q), reference.glfc_loss(x, y, mask, q))
+    bad = y.clone()
+    bad[4] = -2
+    with pytest.raises(ValueError, match=r"labels\[4\] = -2 is out of range \[0, 5\)"):
+        ops.glfc_loss(x, bad, mask, q)
+    with pytest.raises(ValueError, match=r"labels\[4\] = -2 is out of range"):
+        ops.gradient_compensated_bce(x, bad, mask)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_nan_logits_give_nan_like_the_reference(dtype):
+    x, y, mask, q = make_case(n=6, c=9, c_old=4, dtype=dtype, requires_grad=False)
+    x[2, 5] = float("nan")
+    x.requires_grad_(True)
+    out = ops.glfc_loss(x, y, mask, q)
+    ref = reference.glfc_loss(x, y, mask, q)
+    assert out.isnan() and ref.isnan()
+    g, = torch.autograd.grad(out, x)
+    g_ref, = torch.autograd.grad(ref, x)
+    assert g[2].isnan().any() and g_ref[2].isnan().any()
+    torch.testing.assert_close(g.isnan(), g_ref.isnan())
+    keep = ~g_ref.isnan()
+    assert_close(g[keep], g_ref[keep], dtype)

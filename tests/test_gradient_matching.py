@@ -254,3 +254,70 @@ def test_lbfgs_direction_property(k, m, d, seed, data):
     out = ops.lbfgs_direction(grad, s, y, rho, hist_len, h, hist_start=hist_start)
     ref = reference.lbfgs_direction(grad, s, y, rho, hist_len, h, hist_start=hist_start)
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-10)
+
+
+# ---- regressions (issue 17) ---------------------------------------------------------------
+
+def test_matching_backward_op_checks_stats_and_grad():
+    # Used to read out of bounds: the private backward trusted its saved stats.
+    g, t = make_pair(4, 9, torch.float32)
+    _, stats = torch.ops.fcl_ext.gradient_matching_loss(g, t, "cosine")
+    bwd = torch.ops.fcl_ext._gradient_matching_loss_backward
+    with pytest.raises(RuntimeError, match=r"stats must have shape \[4, 3\]"):
+        bwd(torch.ones(4), g, t, stats[:1], "cosine")
+    with pytest.raises(RuntimeError, match=r"stats must have shape \[4, 3\]"):
+        bwd(torch.ones(4), g, t, torch.zeros(0), "l2")
+    with pytest.raises(RuntimeError, match="stats must have dtype Float"):  # float64 stats, float32 grads
+        bwd(torch.ones(4), g, t, stats.double(), "cosine")
+    with pytest.raises(RuntimeError, match="grad_loss must have 4 element"):
+        bwd(torch.ones(2), g, t, stats, "cosine")
+    with pytest.raises(RuntimeError, match="grad_loss must have the dtype of grads"):
+        bwd(torch.ones(4, dtype=torch.float64), g, t, stats, "cosine")
+
+
+def test_l2_backward_does_not_overflow_where_the_difference_does_not():
+    # a*g - b*t with a = b = 2 overflowed (inf - inf = NaN) where 2 * go * (g - t) is finite.
+    g = torch.tensor([[3e38, 1.0, -2e38], [1.0, 2.0, 3.0]], requires_grad=True)
+    t = torch.tensor([[2.9e38, 0.5, -2.1e38], [1.0, 1.0, 1.0]])
+    go = torch.tensor([0.5, 1.0])
+    grad, = torch.autograd.grad(ops.gradient_matching_loss(g, t, metric="l2"), g, go)
+    expected = 2 * go[:, None].double() * (g.detach().double() - t.double())
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("g_norm,t_norm", [(1e-19, 1.0), (1e19, 1.0), (1e-19, 1e19), (1e19, 1e-19), (3e-18, 2e17)])
+@pytest.mark.parametrize("p", [7, 1000])
+def test_cosine_is_right_at_extreme_norms(g_norm, t_norm, p):
+    # The squares used to under/overflow in float32 for |g| below ~1e-19 or above ~1e19: scaled before squaring.
+    g0, t0 = make_pair(3, p, torch.float64, seed=p)
+    t0 = t0 + 0.7 * g0  # a real correlation
+    g32 = (g0 / g0.norm(dim=1, keepdim=True) * g_norm).float()
+    t32 = (t0 / t0.norm(dim=1, keepdim=True) * t_norm).float()
+    g32.requires_grad_(True)
+    loss = ops.gradient_matching_loss(g32, t32, metric="cosine")
+    go = torch.tensor([1.0, -0.5, 2.0])
+    grad, = torch.autograd.grad(loss, g32, go)
+    g64 = g32.detach().double().requires_grad_(True)  # the float64 twin on the same values
+    loss_ref = reference.gradient_matching_loss(g64, t32.double(), metric="cosine")
+    grad_ref, = torch.autograd.grad(loss_ref, g64, go.double())
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-6)
+    err = (grad.double() - grad_ref).abs().max() / grad_ref.abs().max()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cosine_nan_in_gives_nan_out(dtype):
+    # NaN used to fail the den > 0 test and come back as loss 1 with zero gradient. (The twin's torch.where
+    # has the same blind spot for the loss; NaN in -> NaN out is the rule here.)
+    g, t = make_pair(3, 11, dtype)
+    g[1, 4] = float("nan")
+    t[2, 0] = float("nan")
+    g.requires_grad_(True)
+    loss = ops.gradient_matching_loss(g, t, metric="cosine")
+    grad, = torch.autograd.grad(loss.sum(), g)
+    assert loss[1:].isnan().all() and grad[1:].isnan().all()
+    loss_ref = reference.gradient_matching_loss(g, t, metric="cosine")
+    grad_ref, = torch.autograd.grad(loss_ref.sum(), g)
+    assert_close(loss[0], loss_ref[0], dtype)
+    assert_close(grad[0], grad_ref[0], dtype)

@@ -210,3 +210,41 @@ def test_property_matches_reference(rows, cols, scale, eps, seed):
     ga, = torch.autograd.grad(out.sum(), x)
     gb, = torch.autograd.grad(ref.sum(), x)
     assert_close(ga, gb)
+
+
+# ---- regressions (issue 17) -----------------------------------------------------------
+
+def test_backward_op_checks_its_saved_stats():
+    # Used to read out of bounds (segfault): the private backward is a public torch.ops entry point.
+    x = torch.randn(1, 9)
+    with pytest.raises(RuntimeError, match=r"stats must have shape \[1, 3\]"):
+        torch.ops.fcl_ext._softmax_entropy_backward(torch.ones(1), x, torch.zeros(0, 3), 0.0)
+    with pytest.raises(RuntimeError, match=r"stats must have dtype Float"):  # float64 stats, float32 logits
+        torch.ops.fcl_ext._softmax_entropy_backward(torch.ones(1), x, torch.zeros(1, 3, dtype=torch.float64), 0.0)
+    with pytest.raises(RuntimeError, match="grad_entropy must have 1 element"):
+        torch.ops.fcl_ext._softmax_entropy_backward(torch.ones(5), x, torch.zeros(1, 3), 0.0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("eps", EPS)
+def test_nan_and_inf_rows_give_nan_like_the_reference(dtype, eps):
+    # The fast float exp maps NaN to a finite number: NaN rows used to give a finite entropy or zero gradients.
+    nan, inf = float("nan"), float("inf")
+    x = make_logits((5, 13), dtype)
+    x[1, 4] = nan
+    x[2, 0] = inf
+    x[3] = -inf
+    x.requires_grad_(True)
+    h = ops.softmax_entropy(x, reduction="none", eps=eps)
+    h_ref = reference.softmax_entropy(x, reduction="none", eps=eps)
+    torch.testing.assert_close(h, h_ref, equal_nan=True, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+    assert h[1:4].isnan().all() and h[[0, 4]].isfinite().all()
+    g, = torch.autograd.grad(h.sum(), x)
+    g_ref, = torch.autograd.grad(h_ref.sum(), x)
+    assert g[1:4].isnan().all()
+    torch.testing.assert_close(g, g_ref, equal_nan=True, **({"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64
+                                                              else {"rtol": 1e-4, "atol": 1e-6}))
+    # A NaN upstream gradient gives a NaN gradient row.
+    y = make_logits((2, 9), dtype).requires_grad_(True)
+    gy, = torch.autograd.grad(ops.softmax_entropy(y, reduction="none", eps=eps), y, torch.tensor([nan, 1.0], dtype=dtype))
+    assert gy[0].isnan().all() and gy[1].isfinite().all()

@@ -37,12 +37,48 @@ void for_column_chunks(int64_t B, int64_t K, const F& fn) {
   }
 }
 
+// mean and inv_std of column j of x [B, K] by a scaled two-pass: the column is scaled by a power of two (exact)
+// that brings its largest |entry| to [1, 2), so neither x - mean nor its square over- or underflows; var is then
+// scaled back inside inv_std = 2^-e / sqrt(var_hat + eps 2^-2e). A NaN (or inf) entry gives a NaN inv_std.
+template <typename scalar_t, typename acc_t>
+void column_stats_scaled(const scalar_t* x, int64_t B, int64_t K, int64_t j, acc_t n_var, acc_t eps, acc_t* mean,
+                         acc_t* inv_std) {
+  acc_t m = 0;
+  for (int64_t i = 0; i < B; ++i) m = cpu::nan_max(m, std::abs(static_cast<acc_t>(x[i * K + j])));
+  if (!std::isfinite(m)) {
+    *mean = *inv_std = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  if (m == acc_t(0)) {  // all zeros: a constant column
+    *mean = 0;
+    *inv_std = acc_t(1) / std::sqrt(eps);
+    return;
+  }
+  const int e = std::ilogb(m);
+  const acc_t scale = std::ldexp(acc_t(1), -e);
+  acc_t sum = 0;
+  for (int64_t i = 0; i < B; ++i) sum += static_cast<acc_t>(x[i * K + j]) * scale;
+  const acc_t mu = sum / acc_t(B);
+  acc_t ss = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i * K + j]) * scale - mu;
+    ss += d * d;
+  }
+  *mean = std::ldexp(mu, e);
+  *inv_std = std::ldexp(acc_t(1) / std::sqrt(ss / n_var + std::ldexp(eps, -2 * e)), -e);
+}
+
 // mean and inv_std of every column of x [B, K]; one pass over the rows. Shifting by the first row
-// keeps sum(d^2) - sum(d)^2 / B free of the cancellation a raw sum of squares suffers.
+// keeps sum(d^2) - sum(d)^2 / B free of the cancellation a raw sum of squares suffers (its relative error is at
+// most ~B ulp, so a non-constant column never gets variance 0 from it). A column whose sum of squares is not
+// safely in range (overflowed, NaN, or so small that subnormal squares lose digits; also exactly constant ones)
+// is redone by the scaled two-pass above.
 template <typename scalar_t, typename acc_t>
 void column_stats(const scalar_t* x, int64_t B, int64_t K, bool unbiased, acc_t eps, acc_t* mean,
                   acc_t* inv_std) {
   const acc_t n_var = unbiased ? acc_t(B - 1) : acc_t(B);
+  const acc_t lo = static_cast<acc_t>(static_cast<double>(B) * std::numeric_limits<acc_t>::denorm_min() /
+                                      std::numeric_limits<acc_t>::epsilon());
   for_column_chunks(B, K, [&](int64_t begin, int64_t end) {
     acc_t shift[kColChunk], s1[kColChunk], s2[kColChunk];
     for (int64_t c = begin; c < end; ++c) {
@@ -60,6 +96,10 @@ void column_stats(const scalar_t* x, int64_t B, int64_t K, bool unbiased, acc_t 
         }
       }
       for (int64_t j = 0; j < w; ++j) {
+        if (!(s2[j] >= lo && s2[j] <= std::numeric_limits<acc_t>::max())) {
+          column_stats_scaled(x, B, K, c0 + j, n_var, eps, mean + c0 + j, inv_std + c0 + j);
+          continue;
+        }
         const acc_t var = std::max(acc_t(0), (s2[j] - s1[j] * s1[j] / acc_t(B)) / n_var);
         mean[c0 + j] = shift[j] + s1[j] / acc_t(B);
         inv_std[c0 + j] = acc_t(1) / std::sqrt(var + eps);
@@ -68,7 +108,8 @@ void column_stats(const scalar_t* x, int64_t B, int64_t K, bool unbiased, acc_t 
   });
 }
 
-// stats [2, K] (mean, inv_std) in the accumulation dtype. With eps == 0 a constant column is an error.
+// stats [2, K] (mean, inv_std) in the accumulation dtype. With eps == 0 a constant column is an error, and so
+// is a NaN or infinite entry (which would make the whole matrix NaN); the message says which.
 at::Tensor compute_stats(const at::Tensor& x, bool unbiased, double eps, const char* name) {
   const int64_t B = x.size(0), K = x.size(1);
   auto stats = at::empty({2, K}, x.options().dtype(at::toOpMathType(x.scalar_type())));
@@ -78,6 +119,8 @@ at::Tensor compute_stats(const at::Tensor& x, bool unbiased, double eps, const c
     column_stats<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), B, K, unbiased, static_cast<acc_t>(eps), sp, sp + K);
     if (eps == 0) {
       for (int64_t j = 0; j < K; ++j) {
+        TORCH_CHECK(!std::isnan(sp[K + j]), "fcl_ext: cross_correlation: NaN in column ", j, " of ", name,
+                    " (a NaN or infinite entry makes its variance NaN), so the correlation would be NaN.");
         TORCH_CHECK(std::isfinite(sp[K + j]), "fcl_ext: cross_correlation: column ", j, " of ", name,
                     " is constant over the batch (zero variance), so standardising it divides by zero. "
                     "Pass eps > 0 (e.g. eps=1e-5) to allow constant columns.");
@@ -218,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor> cross_correlation_backward_cpu(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats_a,
     const at::Tensor& stats_b, const at::Tensor& matrix, bool unbiased, double off_diag_weight,
     double off_diag_target, bool from_loss, bool need_a, bool need_b) {
+  check_cross_correlation_backward_inputs(grad, a, b, stats_a, stats_b, matrix, from_loss);
   const auto ac = a.contiguous(), bc = b.contiguous();
   const int64_t B = a.size(0), Ka = a.size(1), Kb = b.size(1);
   const auto acc_type = stats_a.scalar_type();

@@ -11,6 +11,7 @@
 #include "fcl_ext/cpu_rows.h"
 #include "fcl_ext/glfc_checks.h"
 #include "fcl_ext/math.h"
+#include "fcl_ext/op_checks.h"
 
 namespace fcl_ext {
 namespace {
@@ -106,10 +107,6 @@ inline void glfc_row_backward(const T* x, const T* q, int64_t C, int64_t c_old, 
   out[y] = grad_y;
 }
 
-inline void check_label(int64_t y, int64_t C, int64_t row) {
-  TORCH_CHECK(y >= 0 && y < C, "fcl_ext: labels[", row, "] = ", y, " is out of range [0, ", C, ")");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> glfc_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                              const std::optional<at::Tensor>& old_class_mask,
                                                              const std::optional<at::Tensor>& old_logits,
@@ -135,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> glfc_loss_cpu(const at::Tensor& l
     at::parallel_for(0, N, cpu::row_grain(C), [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> xbuf, qbuf;
       for (int64_t r = begin; r < end; ++r) {
-        check_label(yp[r], C, r);
+        check_label_value(yp[r], C, r);
         const opmath_t* row = cpu::widen_row<scalar_t, opmath_t>(xp + r * C, C, xbuf);
         const opmath_t* qrow = c_old > 0 ? cpu::widen_row<scalar_t, opmath_t>(qp + r * c_old, c_old, qbuf) : nullptr;
         const RowSums<opmath_t> s = glfc_row_forward<opmath_t>(row, qrow, C, c_old, yp[r]);
@@ -181,9 +178,7 @@ at::Tensor glfc_loss_backward_cpu(const at::Tensor& grad_per_sample, const at::T
                                   const at::Tensor& weights, double gc_weight, double rd_weight) {
   const int64_t c_old = check_glfc_inputs(logits, labels, std::nullopt, old_logits);
   const int64_t N = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(grad_per_sample.numel() == N, "fcl_ext: grad_per_sample_loss must have ", N, " elements");
-  TORCH_CHECK(weights.numel() == N && weights.scalar_type() == at::toOpMathType(logits.scalar_type()),
-              "fcl_ext: weights must be the [N] accumulation-dtype weights returned by glfc_loss");
+  check_glfc_backward_inputs(grad_per_sample, logits, weights);
   const auto x = logits.contiguous();
   auto grad = at::empty_like(x);
   if (N == 0) return grad;
@@ -204,7 +199,7 @@ at::Tensor glfc_loss_backward_cpu(const at::Tensor& grad_per_sample, const at::T
     at::parallel_for(0, N, cpu::row_grain(C), [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> xbuf, qbuf, out(std::is_same_v<scalar_t, opmath_t> ? 0 : C);
       for (int64_t r = begin; r < end; ++r) {
-        check_label(yp[r], C, r);
+        check_label_value(yp[r], C, r);
         const opmath_t* row = cpu::widen_row<scalar_t, opmath_t>(xp + r * C, C, xbuf);
         const opmath_t* qrow = c_old > 0 ? cpu::widen_row<scalar_t, opmath_t>(qp + r * c_old, c_old, qbuf) : nullptr;
         opmath_t* dst = cpu::narrow_target<scalar_t, opmath_t>(op + r * C, out);

@@ -54,6 +54,44 @@ inline void matching_row_sums(const T* g, const T* t, int64_t n, bool cosine, T*
   out[2] = c;
 }
 
+// Cosine sums of a row whose unscaled sums may have under- or overflowed: each vector is scaled by a power of
+// two (exact) that brings its largest entry to [1, 2) before squaring, and the sums are scaled back. Returns
+// the loss from the scaled sums (scale-free, right even where a sum itself is not representable).
+template <typename T>
+inline T rescaled_cosine_sums(const T* g, const T* t, int64_t n, T* out) {
+  T mg = 0, mt = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    mg = cpu::nan_max(mg, std::abs(g[i]));
+    mt = cpu::nan_max(mt, std::abs(t[i]));
+  }
+  if (!(std::isfinite(mg) && std::isfinite(mt)) || mg == T(0) || mt == T(0)) {  // NaN / inf / zero: exact as is
+    matching_row_sums(g, t, n, true, out);
+    return math::cosine_matching_loss(out[0], out[1], out[2]);
+  }
+  const int eg = std::ilogb(mg), et = std::ilogb(mt);
+  const T sg = std::ldexp(T(1), -eg), st = std::ldexp(T(1), -et);
+  T dot = 0, gg = 0, tt = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T a = g[i] * sg, b = t[i] * st;
+    dot += a * b;
+    gg += a * a;
+    tt += b * b;
+  }
+  out[0] = std::ldexp(dot, eg + et);
+  out[1] = std::ldexp(gg, 2 * eg);
+  out[2] = std::ldexp(tt, 2 * et);
+  return math::cosine_matching_loss(dot, gg, tt);
+}
+
+// Whether an unscaled sum of n squares can be trusted: not overflowed, and large enough that entries whose
+// squares fell into the subnormal range (absolute error <= the smallest subnormal each) cost < 1 ulp in total.
+template <typename T>
+inline bool sum_of_squares_in_range(T x, int64_t n) {
+  const T lo = static_cast<T>(static_cast<double>(n) * std::numeric_limits<T>::denorm_min() /
+                              std::numeric_limits<T>::epsilon());
+  return x >= lo && x <= std::numeric_limits<T>::max();
+}
+
 std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& grads, const at::Tensor& target_grads,
                                                               std::string_view metric) {
   check_gradient_matching_inputs(grads, target_grads);
@@ -77,7 +115,15 @@ std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& 
         const opmath_t* tr = cpu::widen_row<scalar_t, opmath_t>(tp + k * P, P, tbuf);
         opmath_t* st = sp + 3 * k;
         matching_row_sums<opmath_t>(gr, tr, P, cosine, st);
-        lp[k] = static_cast<scalar_t>(cosine ? math::cosine_matching_loss(st[0], st[1], st[2]) : st[0]);
+        opmath_t value = st[0];
+        if (cosine) {
+          // The fast unscaled pass is right for all but extreme norms (|g| below ~1e-13 or above ~1e19 in float);
+          // those rows take a second, scaled pass. NaN stays NaN either way.
+          value = sum_of_squares_in_range(st[1], P) && sum_of_squares_in_range(st[2], P)
+                      ? math::cosine_matching_loss(st[0], st[1], st[2])
+                      : rescaled_cosine_sums(gr, tr, P, st);
+        }
+        lp[k] = static_cast<scalar_t>(value);
       }
     });
   });
@@ -87,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& 
 at::Tensor gradient_matching_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grads,
                                                const at::Tensor& target_grads, const at::Tensor& stats,
                                                std::string_view metric) {
-  check_gradient_matching_inputs(grads, target_grads);
+  check_gradient_matching_backward_inputs(grad_loss, grads, target_grads, stats);
   const bool cosine = is_cosine_metric(metric);
   const auto g = grads.contiguous();
   const auto t = target_grads.contiguous();
@@ -111,17 +157,21 @@ at::Tensor gradient_matching_loss_backward_cpu(const at::Tensor& grad_loss, cons
         const opmath_t* tr = cpu::widen_row<scalar_t, opmath_t>(tp + k * P, P, tbuf);
         opmath_t* dst = cpu::narrow_target<scalar_t, opmath_t>(op + k * P, obuf);
         const opmath_t up = static_cast<opmath_t>(gop[k]);
-        // d/dg of the row loss is a * g - b * t: l2 -> a = b = 2; cosine -> math.h coefficients.
+        // d/dg of the row loss: l2 -> 2 up (g - t) (no 2g - 2t to overflow); cosine -> a g - b t, math.h coefficients.
         opmath_t a = 2, b = 2;
         if (cosine) math::cosine_matching_grad_coeffs(sp[3 * k], sp[3 * k + 1], sp[3 * k + 2], &a, &b);
         a *= up;
         b *= up;
         const Vec va(a), vb(b);
         int64_t i = 0;
-        for (; i + Vec::size() <= P; i += Vec::size()) {
-          (va * Vec::loadu(gr + i) - vb * Vec::loadu(tr + i)).store(dst + i);
+        if (cosine) {
+          for (; i + Vec::size() <= P; i += Vec::size()) {
+            (va * Vec::loadu(gr + i) - vb * Vec::loadu(tr + i)).store(dst + i);
+          }
+        } else {
+          for (; i + Vec::size() <= P; i += Vec::size()) (va * (Vec::loadu(gr + i) - Vec::loadu(tr + i))).store(dst + i);
         }
-        for (; i < P; ++i) dst[i] = a * gr[i] - b * tr[i];
+        for (; i < P; ++i) dst[i] = math::matching_grad(cosine, a, b, gr[i], tr[i]);
         cpu::narrow_row<scalar_t, opmath_t>(dst, P, op + k * P);
       }
     });
@@ -152,41 +202,10 @@ inline void vec_axpy(T* x, T alpha, const T* v, int64_t n) {
   for (; i < n; ++i) x[i] += alpha * v[i];
 }
 
-void check_lbfgs_args(const at::Tensor& grad, const at::Tensor& s_hist, const at::Tensor& y_hist,
-                      const at::Tensor& rho, const at::Tensor& hist_len, const at::Tensor& h_diag,
-                      const std::optional<at::Tensor>& hist_start) {
-  check_floating(grad, "grad");
-  check_dim(grad, 2, "grad");
-  check_dim(s_hist, 3, "s_hist");
-  const int64_t K = grad.size(0), D = grad.size(1), M = s_hist.size(1);
-  TORCH_CHECK(s_hist.size(0) == K && s_hist.size(2) == D, "fcl_ext: s_hist must be [K, M, D] = [", K, ", M, ", D,
-              "], got ", s_hist.sizes());
-  TORCH_CHECK(y_hist.sizes() == s_hist.sizes(), "fcl_ext: y_hist must have the shape of s_hist ", s_hist.sizes(),
-              ", got ", y_hist.sizes());
-  TORCH_CHECK(rho.dim() == 2 && rho.size(0) == K && rho.size(1) == M, "fcl_ext: rho must be [K, M] = [", K, ", ",
-              M, "], got ", rho.sizes());
-  TORCH_CHECK(hist_len.dim() == 1 && hist_len.size(0) == K && hist_len.scalar_type() == at::kLong,
-              "fcl_ext: hist_len must be an int64 tensor [K] = [", K, "], got ", hist_len.scalar_type(), " ",
-              hist_len.sizes());
-  TORCH_CHECK(h_diag.dim() == 1 && h_diag.size(0) == K, "fcl_ext: h_diag must be [K] = [", K, "], got ",
-              h_diag.sizes());
-  for (const auto* t : {&s_hist, &y_hist, &rho, &h_diag}) {
-    TORCH_CHECK(t->scalar_type() == grad.scalar_type(), "fcl_ext: s_hist, y_hist, rho and h_diag must have the dtype of grad (",
-                grad.scalar_type(), "), got ", t->scalar_type());
-  }
-  for (const auto* t : {&s_hist, &y_hist, &rho, &hist_len, &h_diag}) check_same_device(grad, "grad", *t, "history");
-  if (hist_start.has_value()) {
-    const auto& hs = *hist_start;
-    TORCH_CHECK(hs.dim() == 1 && hs.size(0) == K && hs.scalar_type() == at::kLong,
-                "fcl_ext: hist_start must be an int64 tensor [K] = [", K, "], got ", hs.scalar_type(), " ", hs.sizes());
-    check_same_device(grad, "grad", hs, "hist_start");
-  }
-}
-
 at::Tensor lbfgs_direction_cpu(const at::Tensor& grad, const at::Tensor& s_hist, const at::Tensor& y_hist,
                                const at::Tensor& rho, const at::Tensor& hist_len, const at::Tensor& h_diag,
                                const std::optional<at::Tensor>& hist_start) {
-  check_lbfgs_args(grad, s_hist, y_hist, rho, hist_len, h_diag, hist_start);
+  check_lbfgs_inputs(grad, s_hist, y_hist, rho, hist_len, h_diag, hist_start);
   const int64_t K = grad.size(0), D = grad.size(1), M = s_hist.size(1);
   const auto g = grad.contiguous();
   const auto S = s_hist.contiguous();

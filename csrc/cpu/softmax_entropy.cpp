@@ -6,6 +6,7 @@
 
 #include "fcl_ext/checks.h"
 #include "fcl_ext/cpu_rows.h"
+#include "fcl_ext/op_checks.h"
 #include "fcl_ext/math.h"
 
 namespace fcl_ext {
@@ -19,9 +20,8 @@ template <typename T>
 inline T entropy_row(const T* x, int64_t n, T eps, T* stats, std::vector<T>& e_buf) {
   using Vec = Vectorized<T>;
   const T m = cpu::vec_max(x, n);
-  if (m == -std::numeric_limits<T>::infinity()) {  // all entries -inf: undefined, as in torch
-    stats[0] = m;
-    stats[1] = stats[2] = std::numeric_limits<T>::quiet_NaN();
+  if (!std::isfinite(m)) {  // a NaN or +inf entry, or all entries -inf: NaN, as in torch
+    stats[0] = stats[1] = stats[2] = std::numeric_limits<T>::quiet_NaN();
     return std::numeric_limits<T>::quiet_NaN();
   }
   // s = sum e, t = sum e * (x - m); a -inf logit has e == 0 and contributes nothing.
@@ -80,6 +80,10 @@ template <typename T>
 inline void entropy_row_backward(const T* x, int64_t n, T eps, const T* stats, T g, T* out) {
   using Vec = Vectorized<T>;
   const T m = stats[0], log_s = stats[1], abar = stats[2];
+  if (std::isnan(m) || std::isnan(g)) {  // the forward's NaN row (see entropy_row), or a NaN upstream gradient
+    cpu::fill_nan(out, n);
+    return;
+  }
   int64_t i = 0;
   Vec vm(m), vls(log_s), vabar(abar), vg(g), one(1), zero(0), veps(eps);
   for (; i + Vec::size() <= n; i += Vec::size()) {
@@ -133,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cpu(const at::Tensor& logits,
 
 at::Tensor softmax_entropy_backward_cpu(const at::Tensor& grad_entropy, const at::Tensor& logits,
                                         const at::Tensor& stats, double eps) {
+  check_softmax_entropy_backward_inputs(grad_entropy, logits, stats, eps);
   const int64_t C = logits.size(-1);
   const auto x = logits.contiguous();
   const auto g = grad_entropy.contiguous();

@@ -477,6 +477,7 @@ std::tuple<at::Tensor, at::Tensor> cross_correlation_backward_cuda(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& stats_a,
     const at::Tensor& stats_b, const at::Tensor& matrix, bool unbiased, double off_diag_weight,
     double off_diag_target, bool from_loss, bool need_a, bool need_b) {
+  check_cross_correlation_backward_inputs(grad, a, b, stats_a, stats_b, matrix, from_loss);
   const c10::cuda::CUDAGuard guard(a.device());
   const auto ac = a.contiguous(), bc = b.contiguous();
   const int64_t B = a.size(0), Ka = a.size(1), Kb = b.size(1);

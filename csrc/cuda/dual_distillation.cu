@@ -19,10 +19,9 @@
 namespace fcl_ext {
 namespace {
 
-// Per-row stats, the CPU kernel's layout: max s, log sum exp(s - max s), log sum exp((s - max s)/T), then per
-// teacher max t, log sum exp((t - max t)/T) (0, 0 for an absent teacher). Maxima and log-sums stay apart so
-// large logits lose no digits; max s is NaN for a row whose loss is NaN (an invalid label).
-constexpr int kStats = 7;
+// Per-row stats in the CPU kernel's layout (csrc/cpu/dual_distillation.cpp row_forward): maxima and log-sums
+// apart; max s is NaN for a row whose loss is NaN (here: an invalid label).
+constexpr int kStats = kDualDistillationStats;
 // Kernels may run with up to 1024 threads (cuda::row_block_threads): __launch_bounds__ keeps their
 // register use within what a 1024-thread block can have.
 
@@ -199,6 +198,7 @@ at::Tensor dual_distillation_backward_cuda(const at::Tensor& grad_loss, const at
                                            const std::optional<at::Tensor>& inter_logits, const at::Tensor& stats,
                                            double temperature, double ce_weight, double intra_weight,
                                            double inter_weight) {
+  check_dual_distillation_backward_inputs(grad_loss, logits, labels, intra_logits, inter_logits, stats, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
   const auto s = logits.contiguous();

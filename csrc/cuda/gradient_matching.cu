@@ -103,7 +103,8 @@ __global__ void matching_bwd_kernel(const scalar_t* __restrict__ grad_loss, cons
 #pragma unroll 4
     for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < P; i += (int64_t)gridDim.x * blockDim.x) {
       const int64_t at = k * P + i;
-      out[at] = static_cast<scalar_t>(a * static_cast<opmath_t>(g[at]) - b * static_cast<opmath_t>(t[at]));
+      out[at] = static_cast<scalar_t>(
+          math::matching_grad(cosine, a, b, static_cast<opmath_t>(g[at]), static_cast<opmath_t>(t[at])));
     }
   }
 }
@@ -161,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cuda(const at::Tensor&
 at::Tensor gradient_matching_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& grads,
                                                 const at::Tensor& target_grads, const at::Tensor& stats,
                                                 std::string_view metric) {
-  check_gradient_matching_inputs(grads, target_grads);
+  check_gradient_matching_backward_inputs(grad_loss, grads, target_grads, stats);
   const bool cosine = is_cosine_metric(metric);
   const c10::cuda::CUDAGuard guard(grads.device());
   const auto g = grads.contiguous();
@@ -268,25 +269,8 @@ __global__ void __launch_bounds__(1024)
 at::Tensor lbfgs_direction_cuda(const at::Tensor& grad, const at::Tensor& s_hist, const at::Tensor& y_hist,
                                 const at::Tensor& rho, const at::Tensor& hist_len, const at::Tensor& h_diag,
                                 const std::optional<at::Tensor>& hist_start) {
-  check_floating(grad, "grad");
-  check_dim(grad, 2, "grad");
-  check_dim(s_hist, 3, "s_hist");
+  check_lbfgs_inputs(grad, s_hist, y_hist, rho, hist_len, h_diag, hist_start);
   const int64_t K = grad.size(0), D = grad.size(1), M = s_hist.size(1);
-  TORCH_CHECK(s_hist.size(0) == K && s_hist.size(2) == D && y_hist.sizes() == s_hist.sizes(),
-              "fcl_ext: s_hist and y_hist must be [K, M, D]");
-  TORCH_CHECK(rho.dim() == 2 && rho.size(0) == K && rho.size(1) == M, "fcl_ext: rho must be [K, M]");
-  TORCH_CHECK(hist_len.dim() == 1 && hist_len.size(0) == K && hist_len.scalar_type() == at::kLong,
-              "fcl_ext: hist_len must be an int64 tensor [K]");
-  TORCH_CHECK(h_diag.dim() == 1 && h_diag.size(0) == K, "fcl_ext: h_diag must be [K]");
-  for (const auto* t : {&s_hist, &y_hist, &rho, &h_diag}) {
-    TORCH_CHECK(t->scalar_type() == grad.scalar_type(), "fcl_ext: s_hist, y_hist, rho and h_diag must have the dtype of grad");
-  }
-  for (const auto* t : {&s_hist, &y_hist, &rho, &hist_len, &h_diag}) check_same_device(grad, "grad", *t, "history");
-  if (hist_start.has_value()) {
-    TORCH_CHECK(hist_start->dim() == 1 && hist_start->size(0) == K && hist_start->scalar_type() == at::kLong,
-                "fcl_ext: hist_start must be an int64 tensor [K]");
-    check_same_device(grad, "grad", *hist_start, "hist_start");
-  }
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto g = grad.contiguous();
   const auto S = s_hist.contiguous();

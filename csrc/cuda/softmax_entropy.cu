@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "fcl_ext/checks.h"
+#include "fcl_ext/op_checks.h"
 #include "fcl_ext/cuda_utils.cuh"
 #include "fcl_ext/math.h"
 #include "kernel_utils.cuh"
@@ -126,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits
 
 at::Tensor softmax_entropy_backward_cuda(const at::Tensor& grad_entropy, const at::Tensor& logits,
                                          const at::Tensor& stats, double eps) {
+  check_softmax_entropy_backward_inputs(grad_entropy, logits, stats, eps);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t C = logits.size(-1);
   const auto x = logits.contiguous();

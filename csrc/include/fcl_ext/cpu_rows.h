@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 namespace fcl_ext {
@@ -49,24 +51,38 @@ inline void narrow_row(const opmath_t* src, int64_t n, scalar_t* dst) {
   }
 }
 
+// NaN-propagating max: a NaN anywhere in the row makes the row's max NaN, which the kernels use to
+// turn the whole row's results into NaN (the fast exp below would map NaN to a finite number).
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
 template <typename T>
 inline T vec_max(const T* x, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
   T m = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
   if (n >= Vec::size()) {
-    Vec vm(m);
+    Vec vm(m);  // at::vec::maximum propagates NaN lane-wise
     for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
     T tmp[Vec::size()];
     vm.store(tmp);
-    for (int k = 0; k < Vec::size(); ++k) m = tmp[k] > m ? tmp[k] : m;
+    for (int k = 0; k < Vec::size(); ++k) m = nan_max(m, tmp[k]);
   }
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (; i < n; ++i) m = nan_max(m, x[i]);
   return m;
+}
+
+template <typename T>
+inline void fill_nan(T* x, int64_t n) {
+  std::fill(x, x + n, std::numeric_limits<T>::quiet_NaN());
 }
 
 // exp for the hot loops: ATen's 20-ULP polynomial for float (well inside float32 test
 // tolerances, ~2x faster than the 1-ULP Sleef call), the exact Sleef/libm exp for double.
+// exp_u20 clamps its input, so it maps NaN to a finite value: callers propagate NaN through a row
+// statistic (nan_max) instead of paying a blend per vector.
 inline at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& v) { return v.exp_u20(); }
 inline at::vec::Vectorized<double> fast_exp(const at::vec::Vectorized<double>& v) { return v.exp(); }
 

@@ -59,12 +59,13 @@ C10_HOST_DEVICE inline T gradient_compensation_weight(T g, T group_mean_g) {
 
 // Gradient matching, cosine metric, from per-row sums dot = <g, t>, gg = |g|^2, tt = |t|^2:
 //   loss = 1 - dot / (|g| |t|);   dloss/dg_p = a * g_p - b * t_p,
-//   a = dot / (|g|^3 |t|),  b = 1 / (|g| |t|).
-// A row with |g| |t| == 0 has loss 1 and gradient 0 (the cosine is undefined there).
+//   a = cos / |g|^2,  b = 1 / (|g| |t|)   (norms taken before multiplying: no |g|^3 |t| to overflow).
+// A row with |g| |t| == 0 has loss 1 and gradient 0 (the cosine is undefined there); a NaN anywhere gives NaN.
 template <typename T>
 C10_HOST_DEVICE inline T cosine_matching_loss(T dot, T gg, T tt) {
   const T den = ::sqrt(gg) * ::sqrt(tt);
-  return den > T(0) ? T(1) - dot / den : T(1);
+  if (den > T(0)) return T(1) - dot / den;
+  return den == T(0) ? T(1) : den;  // den is NaN here
 }
 
 template <typename T>
@@ -72,11 +73,17 @@ C10_HOST_DEVICE inline void cosine_matching_grad_coeffs(T dot, T gg, T tt, T* a,
   const T den = ::sqrt(gg) * ::sqrt(tt);
   if (den > T(0)) {
     *b = T(1) / den;
-    *a = dot / (gg * den);
+    *a = (dot / den) / gg;
   } else {
-    *a = T(0);
-    *b = T(0);
+    *a = den == T(0) ? T(0) : den;  // NaN in -> NaN out
+    *b = *a;
   }
+}
+
+// One element of the matching backward: cosine a g - b t; l2 a (g - t) with a = 2 grad (no a g - a t overflow).
+template <typename T>
+C10_HOST_DEVICE inline T matching_grad(bool cosine, T a, T b, T g, T t) {
+  return cosine ? a * g - b * t : a * (g - t);
 }
 
 // ---- fccl losses (issue 4) ----
@@ -99,10 +106,11 @@ C10_HOST_DEVICE inline T standardise_backward(T g, T g_mean, T x_hat, T g_dot_xh
   return inv_std * (g - g_mean - x_hat * g_dot_xhat / n_var);
 }
 
-// e * (t - s) for a teacher weight e = exp((t - max) / T); a -inf teacher logit (e == 0) adds nothing.
+// e * (dt - ds) for a teacher weight e = exp(dt / T), dt = t - max t, ds = s - max s (each difference exact,
+// so no large logit cancels); a -inf teacher logit (e == 0) adds nothing.
 template <typename T>
-C10_HOST_DEVICE inline T kd_weighted_gap(T e, T t, T s) {
-  return e == T(0) ? T(0) : e * (t - s);
+C10_HOST_DEVICE inline T kd_weighted_gap(T e, T dt, T ds) {
+  return e == T(0) ? T(0) : e * (dt - ds);
 }
 
 }  // namespace math
