@@ -201,6 +201,21 @@ def _accuracies(summary):
     return found
 
 
+def compare_runs(finished, names, tolerance_pp):
+    """Per (run, backend): the accuracies on cuda vs cpu; ok when both finished and every shared key agrees
+    within tolerance_pp points."""
+    comparisons = []
+    for name in names:
+        for backend in ("fcl_ext", "reference"):
+            gpu = finished.get(f"{name}-{backend}-cuda", {}).get("summary", {})
+            cpu = finished.get(f"{name}-{backend}-cpu", {}).get("summary", {})
+            keys = sorted(set(gpu) & set(cpu))
+            diffs = {k: abs(gpu[k] - cpu[k]) for k in keys}  # NaN differences fail the check below
+            ok = bool(keys) and all(d <= tolerance_pp for d in diffs.values())
+            comparisons.append({"run": name, "backend": backend, "cuda": gpu, "cpu": cpu, "abs_diff": diffs, "ok": ok})
+    return comparisons
+
+
 def trainers(out: Path, runs, backend_key, tolerance_pp, budget_s):
     """Start every (run, backend, device) at once, wait at most budget_s, compare cuda with cpu."""
     out.mkdir(parents=True, exist_ok=True)
@@ -248,15 +263,7 @@ def trainers(out: Path, runs, backend_key, tolerance_pp, budget_s):
             (out / "trainers.json").write_text(json.dumps(report, indent=1))
         if procs:
             time.sleep(0.5)
-    for name, *_ in runs:
-        for backend in ("fcl_ext", "reference"):
-            gpu = report["runs"].get(f"{name}-{backend}-cuda", {}).get("summary", {})
-            cpu = report["runs"].get(f"{name}-{backend}-cpu", {}).get("summary", {})
-            keys = sorted(set(gpu) & set(cpu))
-            diffs = {k: abs(gpu[k] - cpu[k]) for k in keys}
-            ok = bool(keys) and all(d <= tolerance_pp for d in diffs.values())
-            report["comparisons"].append({"run": name, "backend": backend, "cuda": gpu, "cpu": cpu,
-                                          "abs_diff": diffs, "ok": ok})
+    report["comparisons"] = compare_runs(report["runs"], [r[0] for r in runs], tolerance_pp)
     (out / "trainers.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["comparisons"], indent=1))
     sys.exit(0 if all(c["ok"] for c in report["comparisons"]) else 1)

@@ -156,3 +156,18 @@ def test_gpu_summary_writes_one_file_per_op_from_partial_results(tmp_path):
     assert (tmp_path / "ops" / "softmax_entropy.md").exists() and (tmp_path / "ops" / "glfc_loss.md").exists()
     assert "No comparison written" in text  # the trainers step left nothing
     assert json.loads((tmp_path / "summary.json").read_text())["ops"]["softmax_entropy"]
+
+
+def test_gpu_check_trainer_comparison():
+    from benchmarks.gpu_correctness import _accuracies, compare_runs
+    summary = {"final_accuracy": 80.0, "mean_intra_top1": 55.0, "forgetting": 3.0, "report": "text", "flag": True}
+    assert _accuracies(summary) == {"final_accuracy": 80.0, "mean_intra_top1": 55.0}
+    runs = {"glfc-fcl_ext-cuda": {"summary": {"final_accuracy": 80.0}},
+            "glfc-fcl_ext-cpu": {"summary": {"final_accuracy": 75.0}},
+            "glfc-reference-cuda": {"summary": {"final_accuracy": 80.0}},
+            "glfc-reference-cpu": {"summary": {"final_accuracy": 60.0}}}
+    got = {c["backend"]: c["ok"] for c in compare_runs(runs, ["glfc", "fccl"], 10.0) if c["run"] == "glfc"}
+    assert got == {"fcl_ext": True, "reference": False}
+    assert not any(c["ok"] for c in compare_runs(runs, ["fccl"], 10.0))  # a run that never finished fails
+    runs["glfc-fcl_ext-cpu"]["summary"]["final_accuracy"] = float("nan")
+    assert not compare_runs(runs, ["glfc"], 10.0)[0]["ok"]  # NaN accuracy fails

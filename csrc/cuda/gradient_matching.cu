@@ -188,8 +188,8 @@ at::Tensor gradient_matching_loss_backward_cuda(const at::Tensor& grad_loss, con
 
 // ---- lbfgs_direction --------------------------------------------------------------
 
-// Problem k's history must have 0 <= hist_len <= M and 0 <= hist_start < M (any start when M == 0 and the
-// history is empty); else its direction is NaN and the error is recorded.
+// Problem k's history must have 0 <= hist_len <= M and, when it is not empty, 0 <= hist_start < M (as the CPU
+// kernel checks); else its direction is NaN and the error is recorded.
 template <typename T>
 __global__ void __launch_bounds__(1024)
     lbfgs_direction_kernel(const T* __restrict__ g, const T* __restrict__ S, const T* __restrict__ Y,
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(1024)
   const int64_t len = hist_len[k];
   const int64_t first = hist_start == nullptr ? 0 : hist_start[k];
   const bool len_ok = len >= 0 && len <= M;
-  const bool start_ok = hist_start == nullptr || (first >= 0 && first < M) || (M == 0 && len == 0);
+  const bool start_ok = hist_start == nullptr || len == 0 || (first >= 0 && first < M);  // as the CPU kernel
   if (!len_ok || !start_ok) {
     if (threadIdx.x == 0) {
       cuda::report_device_error(errors, cuda::kErrHistoryRange, cuda::kOpLbfgsDirection, k, len_ok ? first : len, M,
