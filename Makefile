@@ -72,8 +72,11 @@ bench: build
 	$(PY) -m benchmarks.report .benchmarks/latest.json
 
 # On a GPU machine: no venv, no downloads; the Python that already has torch (>= 2.4) plus
-# numpy, pytest, pytest-benchmark, hypothesis. Builds in place, runs the CUDA tests and the
-# benchmarks, and writes the report and logs into OUT.
+# numpy, pytest, pytest-benchmark, hypothesis (pyyaml + matplotlib for the trainer smoke runs).
+# At most 8 minutes: builds in place with every core for the visible GPU's arch, checks each op
+# (CUDA vs CPU vs reference), runs the CUDA tests, the trainers on cuda vs cpu and the benchmarks,
+# each step with its own time budget; OUT/summary.md (and OUT/ops/<op>.md) say what it found.
+# `$(PYTHON) -m benchmarks.gpu_check --plan` prints the steps and budgets without a GPU.
 gpu-check:
 	$(PYTHON) -m benchmarks.gpu_check --out $(OUT)
 

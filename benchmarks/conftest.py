@@ -54,28 +54,64 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-_COMPILED = {}
-
-
 def implementation(impl, fused, reference):
-    """The callable for one implementation: fused op, eager reference, or compiled reference."""
+    """The callable for one implementation: fused op, eager reference, or compiled reference.
+
+    The compiled reference is compiled afresh for every case (dynamo reset): one cached torch.compile
+    would pass dynamo's recompile limit after a few shapes and silently run eager from then on.
+    """
     if impl == "fcl_ext":
         return fused
     if impl == "eager":
         return reference
-    key = id(reference)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(reference, dynamic=False)
-    return _COMPILED[key]
+    torch._dynamo.reset()
+    for name in ("recompile_limit", "cache_size_limit"):  # belt and braces (the name differs by version)
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    return torch.compile(reference, dynamic=False)
 
 
-def run_case(benchmark, *, op, mode, device, dtype, shape, impl, make_call, bytes_moved=None, smoke=False):
+# (rtol, atol) of the one check per case that the fused op matches the eager reference; atol is
+# relative to the largest |reference| value (losses summed over millions of elements are large).
+CHECK_TOL = {torch.float64: (1e-7, 1e-10), torch.float32: (1e-3, 1e-5), torch.bfloat16: (5e-2, 2e-2),
+             torch.float16: (1e-2, 5e-3)}
+
+
+def _tensors(result):
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _tensors(r)]
+    return []
+
+
+def check_against_reference(fused_call, reference_call, dtype, what):
+    """Fused == reference once (values, or gradients in fwd+bwd mode) before a case is timed."""
+    actual, expected = _tensors(fused_call()), _tensors(reference_call())
+    assert len(actual) == len(expected), f"{what}: fused returned {len(actual)} tensors, reference {len(expected)}"
+    rtol, atol = CHECK_TOL[dtype]
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        scale = float(e.detach().abs().max()) if e.numel() else 1.0
+        torch.testing.assert_close(a.detach(), e.detach().to(a.dtype), rtol=rtol, atol=atol * max(1.0, scale),
+                                   msg=lambda m: f"{what}: output {i} differs from the reference: {m}")
+
+
+def run_case(benchmark, *, op, mode, device, dtype, shape, impl, make_call, bytes_moved=None, smoke=False,
+             main_shape=True, reference=None):
     """Time `make_call()` (a zero-arg callable returning the result) for one case.
 
     mode "fwd" times the forward; "fwd+bwd" times forward plus torch.autograd.grad.
+    reference: the same call through the eager reference; the fcl_ext case first checks it matches.
+    main_shape: the op's first shape; with FCL_EXT_BENCH_COMPILE=main (gpu-check) only it (fwd+bwd) is compiled.
     """
     if impl == "compiled" and smoke:
         pytest.skip("torch.compile is skipped in smoke mode (make test); make bench runs it")
+    if impl == "compiled" and os.environ.get("FCL_EXT_BENCH_COMPILE") == "main" and not (
+            main_shape and mode == "fwd+bwd"):
+        pytest.skip("FCL_EXT_BENCH_COMPILE=main (gpu-check's time budget): torch.compile only at the op's main "
+                    "shape, fwd+bwd")
+    if impl == "fcl_ext" and reference is not None:
+        check_against_reference(make_call, reference, dtype, f"{op} {mode} {device} {shape}")
     benchmark.group = f"{op} | {mode} | {device} | {str(dtype).replace('torch.', '')} | {shape}"
     benchmark.extra_info.update(op=op, mode=mode, device=device, dtype=str(dtype).replace("torch.", ""),
                                 shape=shape, impl=impl, bytes_moved=bytes_moved)
@@ -95,6 +131,9 @@ def run_case(benchmark, *, op, mode, device, dtype, shape, impl, make_call, byte
         benchmark.extra_info["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated() - base)
     else:
         benchmark.extra_info["peak_mem_bytes"] = None
+    if impl == "compiled":  # evidence that the timed callable is a compiled graph, not an eager fallback
+        from torch._dynamo.utils import counters
+        benchmark.extra_info["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
     result = benchmark(call)
     return result
 

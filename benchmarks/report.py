@@ -147,6 +147,9 @@ def regenerate(docs: Path):
     notes = docs / "perf" / "NOTES.md"
     if notes.exists():
         lines += ["## Notes", "", notes.read_text().strip(), ""]
+    model = docs / "perf" / "GPU_MODEL.md"
+    if model.exists():
+        lines += ["## Expected GPU bandwidth (model, H200)", "", model.read_text().strip(), ""]
     lines += ["## Results", ""]
     for run in sorted(runs, key=lambda r: (r["gpu"] is None, r["machine"])):
         lines += render_run(run)

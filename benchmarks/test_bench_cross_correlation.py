@@ -47,4 +47,5 @@ def test_cross_correlation(benchmark, smoke, device, dtype, mode, impl, shape_id
     # fwd reads a and b; the backward reads them again and writes one or two gradients
     bytes_moved = 2 * elem if mode == "fwd" else (4 + len(inputs)) * elem
     run_case(benchmark, op=OP, mode=mode, device=device, dtype=dtype, shape=label, impl=impl,
-             make_call=call, bytes_moved=bytes_moved, smoke=smoke)
+             make_call=call, bytes_moved=bytes_moved, smoke=smoke, main_shape=shape_idx == 0,
+             reference=forward_or_backward(mode, lambda: _reference(a, b, form), inputs))

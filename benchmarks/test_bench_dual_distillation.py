@@ -38,4 +38,5 @@ def test_dual_distillation(benchmark, smoke, device, dtype, mode, impl, shape_id
     elem = s.element_size() * s.numel()
     bytes_moved = 3 * elem if mode == "fwd" else 7 * elem  # fwd reads s, t1, t2; bwd reads them again, writes grad
     run_case(benchmark, op=OP, mode=mode, device=device, dtype=dtype, shape=label, impl=impl,
-             make_call=call, bytes_moved=bytes_moved, smoke=smoke)
+             make_call=call, bytes_moved=bytes_moved, smoke=smoke, main_shape=shape_idx == 0,
+             reference=forward_or_backward(mode, lambda: _reference(s, y, t1, t2), [s]))

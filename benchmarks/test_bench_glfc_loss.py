@@ -45,4 +45,5 @@ def test_glfc_loss(benchmark, smoke, device, dtype, mode, impl, shape_idx):
     # fwd reads x and q; fwd+bwd reads them twice more and writes the gradient
     bytes_moved = elem * (n * c + q.numel()) * (1 if mode == "fwd" else 2) + (0 if mode == "fwd" else elem * n * c)
     run_case(benchmark, op=OP, mode=mode, device=device, dtype=dtype, shape=label, impl=impl,
-             make_call=call, bytes_moved=bytes_moved, smoke=smoke)
+             make_call=call, bytes_moved=bytes_moved, smoke=smoke, main_shape=shape_idx == 0,
+             reference=forward_or_backward(mode, lambda: _reference(x, y, mask, q), [x]))

@@ -20,6 +20,7 @@ from fcl_ext.reconstruct import (LeNetEncoder, encode_gradients, reconstruct_fro
                                  reconstruct_sequential_reference)
 
 FULL = os.environ.get("FCL_EXT_BENCH_RECONSTRUCT_FULL") == "1"
+SEQUENTIAL_CUDA_MAX = {"K": 6, "steps": 20}
 
 
 # ---- gradient_matching_loss ------------------------------------------------------------
@@ -43,7 +44,10 @@ def test_gradient_matching_loss(benchmark, smoke, device, metric, mode, impl, sh
     call = forward_or_backward(mode, lambda: fn(g, t), [g])
     elem = g.element_size() * g.numel()
     run_case(benchmark, op=f"{op} ({metric})", mode=mode, device=device, dtype=torch.float32, shape=label,
-             impl=impl, make_call=call, bytes_moved=2 * elem if mode == "fwd" else 5 * elem, smoke=smoke)
+             impl=impl, make_call=call, bytes_moved=2 * elem if mode == "fwd" else 5 * elem, smoke=smoke,
+             main_shape=shape_idx == 0,
+             reference=forward_or_backward(
+                 mode, lambda: fcl_ext.reference.gradient_matching_loss(g, t, metric=metric), [g]))
 
 
 # ---- lbfgs_direction --------------------------------------------------------------------
@@ -68,7 +72,8 @@ def test_lbfgs_direction(benchmark, smoke, device, impl, shape_idx):
     fn = fcl_ext.ops.lbfgs_direction if impl == "fcl_ext" else fcl_ext.reference.lbfgs_direction
     run_case(benchmark, op=op, mode="fwd", device=device, dtype=torch.float32, shape=label, impl=impl,
              make_call=lambda: fn(grad, s, y, rho, hist_len, h, hist_start=start),
-             bytes_moved=2 * 2 * s.element_size() * s.numel(), smoke=smoke)
+             bytes_moved=2 * 2 * s.element_size() * s.numel(), smoke=smoke, main_shape=shape_idx == 0,
+             reference=lambda: fcl_ext.reference.lbfgs_direction(grad, s, y, rho, hist_len, h, hist_start=start))
 
 
 # ---- whole reconstructions ----------------------------------------------------------------
@@ -94,6 +99,8 @@ def test_reconstruct(benchmark, smoke, device, impl, shape_idx):
         pytest.skip("no such shape for this device (FCL_EXT_BENCH_RECONSTRUCT_FULL=1 adds K=60 on the CPU)")
     label, dims = shapes[shape_idx]
     k, steps = dims["K"], dims["steps"]
+    if impl == "sequential" and device == "cuda" and (k > SEQUENTIAL_CUDA_MAX["K"] or steps > SEQUENTIAL_CUDA_MAX["steps"]):
+        pytest.skip("the sequential loop runs on the GPU only at K <= 6, 20 steps (the summary extrapolates)")
     size, classes = dims.get("image_size", 32), dims.get("classes", 100)
     encoder = LeNetEncoder(3, size, classes, seed=0).to(device)
     gen = torch.Generator().manual_seed(0)

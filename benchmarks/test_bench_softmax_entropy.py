@@ -47,4 +47,5 @@ def test_softmax_entropy(benchmark, smoke, device, dtype, mode, impl, shape_idx,
     elem = x.element_size() * x.numel()
     bytes_moved = elem if mode == "fwd" else 3 * elem  # read x (fwd), + read x, write grad (bwd)
     run_case(benchmark, op=f"{OP} ({form})", mode=mode, device=device, dtype=dtype, shape=label, impl=impl,
-             make_call=call, bytes_moved=bytes_moved, smoke=smoke)
+             make_call=call, bytes_moved=bytes_moved, smoke=smoke, main_shape=shape_idx == 0,
+             reference=forward_or_backward(mode, lambda: FORMS[form][1](x), [x]))

@@ -5,6 +5,7 @@
 // The module has no Python bindings of its own: importing fcl_ext._C only loads the
 // shared library so that the static registrations below run.
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -74,4 +75,15 @@ TORCH_LIBRARY(fcl_ext, m) {
   // history is s_hist/y_hist [K, M, D], rho [K, M]; its i-th oldest pair (i < hist_len[k])
   // sits in slot (hist_start[k] + i) % M (hist_start None: slot i). Not differentiable.
   m.def("lbfgs_direction(Tensor grad, Tensor s_hist, Tensor y_hist, Tensor rho, Tensor hist_len, Tensor h_diag, Tensor? hist_start=None) -> Tensor");
+
+  // ---- device-side input errors (csrc/cuda/kernel_utils.cuh) -------------------------
+  // CUDA kernels record invalid inputs (labels out of range, ...) in a per-device buffer instead of
+  // syncing; this reads device_like's buffer (one sync), clears it and returns it as int64 [8] on the CPU:
+  // (code, op, index, value, bound, what, count, 0). fcl_ext.check_device_errors() turns it into an error.
+  // On the CPU nothing is recorded (the CPU kernels raise at once): all zeros.
+  m.def("_take_device_errors(Tensor device_like) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fcl_ext, CPU, m) {
+  m.impl("_take_device_errors", [](const at::Tensor&) { return at::zeros({8}, at::kLong); });
 }

@@ -5,6 +5,7 @@
     fcl_ext.losses.SoftmaxEntropy()(logits)      # nn.Module drop-ins
     fcl_ext.reference.softmax_entropy(logits)    # the same math in plain PyTorch
     fcl_ext.info()                               # what this build contains
+    fcl_ext.check_device_errors()                # raise invalid inputs the CUDA kernels recorded
 """
 import torch
 
@@ -29,6 +30,7 @@ if _torch_release(_BUILD_INFO["torch_built"]) != _torch_release(torch.__version_
 from fcl_ext import _C  # noqa: E402,F401  (loads the library: registers torch.ops.fcl_ext.*)
 from fcl_ext import _registrations  # noqa: E402,F401
 from fcl_ext import losses, ops, reference  # noqa: E402
+from fcl_ext.device_errors import DeviceInputError, check_device_errors  # noqa: E402
 
 __version__ = _BUILD_INFO["version"]
 
@@ -48,4 +50,4 @@ def info() -> dict:
     }
 
 
-__all__ = ["info", "ops", "losses", "reference", "__version__"]
+__all__ = ["info", "ops", "losses", "reference", "check_device_errors", "DeviceInputError", "__version__"]

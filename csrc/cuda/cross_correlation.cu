@@ -1,14 +1,16 @@
 // Cross-correlation (FCCL / Barlow Twins) on CUDA, same math as csrc/cpu/cross_correlation.cpp.
 //
-// Small K (FCCL: 10-65 classes): the whole forward is one launch of one block: column statistics
-// (shifted sums, one pass), every M_uv as a dot over the batch of the standardised columns, and the loss.
-// The small-K backward is one launch too (one block per column of grad_a / grad_b).
-// Large K (Barlow Twins projectors): column statistics kernel, standardisation kernel, cuBLAS GEMM for
-// a_hat^T b_hat (the only K x K buffer), then the loss epilogue as one reduction kernel plus a one-block
-// finish. Backward: dL/dM is affine in M, so dL/da_hat is one GEMM with the saved M; one column kernel
-// then goes back through the standardisation.
-// With eps == 0 a zero-variance column is detected on the device and raised on the host (one small
-// device-to-host copy; eps > 0 skips it and never synchronises).
+// Tiny problems (B * Ka * Kb <= 2^18, K <= 128: FCCL's K=10 at B=512): the whole forward is one launch of
+// one block: column statistics (shifted sums, one pass), every M_uv as a dot over the batch of the
+// standardised columns, and the loss. The small backward is one launch too (one block per column).
+// Everything else (FCCL's K=65, a large batch at small K, Barlow Twins projectors) is multi-block:
+// split-B column statistics (partial sums per row chunk, then a fixed-order finish), a grid-stride
+// standardisation, cuBLAS GEMM for a_hat^T b_hat (the only K x K buffer, and the split-B reduction), then
+// the loss epilogue as one reduction kernel plus a one-block finish. Backward: dL/dM is affine in M, so
+// dL/da_hat is one GEMM with the saved M; a split-B column reduction and a split-B apply kernel then go
+// back through the standardisation.
+// With eps == 0 a zero-variance column gives NaN entries and a device error (fcl_ext.check_device_errors());
+// no host sync on any path.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +20,7 @@
 #include "fcl_ext/op_checks.h"
 #include "fcl_ext/cuda_utils.cuh"
 #include "fcl_ext/math.h"
+#include "kernel_utils.cuh"
 
 namespace fcl_ext {
 namespace {
@@ -26,17 +29,23 @@ constexpr int kColsPerBlock = 32;  // threadIdx.x: one column each (coalesced ro
 constexpr int kRowLanes = 8;       // threadIdx.y: rows strided across these lanes
 constexpr int kFusedThreads = 1024;
 constexpr int64_t kFusedMaxK = 128;
-constexpr int64_t kFusedMaxWork = int64_t(1) << 22;  // B * Ka * Kb multiply-adds for one block
+constexpr int64_t kFusedMaxWork = int64_t(1) << 18;  // B * Ka * Kb multiply-adds for one block
+constexpr int64_t kRowsPerSplit = 256;  // split-B column kernels: at least this many rows per block
 
+// Split-B column statistics: block (x, y) sums columns [32x, 32x+32) over row chunk y, shifted by the
+// column's first value (one shift for all chunks, so the partial sums add exactly): partial[y][0|1][col].
 template <typename scalar_t, typename acc_t>
-__global__ void column_stats_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t K, acc_t n_var, acc_t eps,
-                                    acc_t* __restrict__ mean, acc_t* __restrict__ inv_std) {
+__global__ void column_stats_partial_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t K, int64_t rows_per,
+                                            acc_t* __restrict__ partial) {
   __shared__ acc_t s1_sh[kRowLanes][kColsPerBlock], s2_sh[kRowLanes][kColsPerBlock];
   const int64_t col = int64_t(blockIdx.x) * kColsPerBlock + threadIdx.x;
-  acc_t s1 = 0, s2 = 0, shift = 0;
+  const int64_t begin = int64_t(blockIdx.y) * rows_per;
+  const int64_t end = begin + rows_per < B ? begin + rows_per : B;
+  acc_t s1 = 0, s2 = 0;
   if (col < K) {
-    shift = static_cast<acc_t>(x[col]);
-    for (int64_t i = threadIdx.y; i < B; i += kRowLanes) {
+    const acc_t shift = static_cast<acc_t>(x[col]);
+#pragma unroll 4
+    for (int64_t i = begin + threadIdx.y; i < end; i += kRowLanes) {
       const acc_t d = static_cast<acc_t>(x[i * K + col]) - shift;
       s1 += d;
       s2 += d * d;
@@ -50,21 +59,45 @@ __global__ void column_stats_kernel(const scalar_t* __restrict__ x, int64_t B, i
       s1 += s1_sh[r][threadIdx.x];
       s2 += s2_sh[r][threadIdx.x];
     }
-    acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
-    var = var > acc_t(0) ? var : acc_t(0);
-    mean[col] = shift + s1 / acc_t(B);
-    inv_std[col] = acc_t(1) / ::sqrt(var + eps);
+    partial[(int64_t(blockIdx.y) * 2) * K + col] = s1;
+    partial[(int64_t(blockIdx.y) * 2 + 1) * K + col] = s2;
   }
 }
 
+// One thread per column: adds the chunks in order, writes (mean, inv_std); with eps == 0 a zero variance
+// (inv_std = inf) is recorded as a device error (`which`: 0 = a, 1 = b).
+template <typename scalar_t, typename acc_t>
+__global__ void column_stats_finish_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ partial,
+                                           int splits, int64_t B, int64_t K, acc_t n_var, acc_t eps,
+                                           acc_t* __restrict__ mean, acc_t* __restrict__ inv_std, int which,
+                                           long long* __restrict__ errors) {
+  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= K) return;
+  acc_t s1 = 0, s2 = 0;
+  for (int j = 0; j < splits; ++j) {
+    s1 += partial[(int64_t(j) * 2) * K + col];
+    s2 += partial[(int64_t(j) * 2 + 1) * K + col];
+  }
+  acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
+  var = var > acc_t(0) ? var : (var != var ? var : acc_t(0));  // NaN stays NaN
+  mean[col] = static_cast<acc_t>(x[col]) + s1 / acc_t(B);
+  const acc_t inv = acc_t(1) / ::sqrt(var + eps);
+  inv_std[col] = inv;
+  if (inv == std::numeric_limits<acc_t>::infinity()) {
+    cuda::report_device_error(errors, cuda::kErrConstantColumn, cuda::kOpCrossCorrelation, col, 0, K, which);
+  }
+}
+
+// out = (x - mean) * inv_std * scale; thread = one column (coalesced), rows strided over grid.y (no
+// per-element index division).
 template <typename scalar_t, typename acc_t>
 __global__ void standardise_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t K,
                                    const acc_t* __restrict__ stats, acc_t scale, acc_t* __restrict__ out) {
-  const int64_t n = B * K;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = e % K;
-    out[e] = (static_cast<acc_t>(x[e]) - stats[j]) * stats[K + j] * scale;
-  }
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= K) return;
+  const acc_t mean = stats[j], inv = stats[K + j] * scale;
+#pragma unroll 4
+  for (int64_t i = blockIdx.y; i < B; i += gridDim.y) out[i * K + j] = (static_cast<acc_t>(x[i * K + j]) - mean) * inv;
 }
 
 // One block of kFusedThreads (launch bounds keep registers within a 1024-thread block): statistics of a
@@ -74,7 +107,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     fused_small_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t B, int64_t Ka,
                        int64_t Kb, acc_t n_var, acc_t eps, acc_t w, acc_t tau, out_t* __restrict__ matrix,
                        scalar_t* __restrict__ loss, acc_t* __restrict__ stats_a, acc_t* __restrict__ stats_b,
-                       int* __restrict__ bad_column) {
+                       long long* __restrict__ errors) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);  // mean_a[Ka], inv_a[Ka], mean_b[Kb], inv_b[Kb]
   __shared__ acc_t red[32];
@@ -95,7 +128,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     s2 = cuda::warp_sum(s2);
     if (lane == 0) {
       acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
-      var = var > acc_t(0) ? var : acc_t(0);
+      var = var > acc_t(0) ? var : (var != var ? var : acc_t(0));  // NaN stays NaN
       const acc_t mu = shift + s1 / acc_t(B), inv = acc_t(1) / ::sqrt(var + eps);
       acc_t* st = is_a ? stats_a : stats_b;
       st[col] = mu;
@@ -107,13 +140,15 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
   __syncthreads();
   const acc_t *mean_a = sh, *inv_a = sh + Ka, *mean_b = sh + 2 * Ka, *inv_b = sh + 2 * Ka + Kb;
-  if (threadIdx.x == 0) {
-    int bad = -1;
-    for (int64_t c = 0; c < Ka + Kb && bad < 0; ++c) {
+  if (threadIdx.x == 0) {  // zero variance with eps == 0 (inv_std = inf; a NaN column is not this error)
+    for (int64_t c = 0; c < Ka + Kb; ++c) {
       const acc_t inv = c < Ka ? inv_a[c] : inv_b[c - Ka];
-      if (!(inv < std::numeric_limits<acc_t>::infinity())) bad = static_cast<int>(c);
+      if (inv == std::numeric_limits<acc_t>::infinity()) {
+        cuda::report_device_error(errors, cuda::kErrConstantColumn, cuda::kOpCrossCorrelation, c < Ka ? c : c - Ka,
+                                  0, c < Ka ? Ka : Kb, c < Ka ? 0 : 1);
+        break;
+      }
     }
-    *bad_column = bad;
   }
   acc_t partial = 0;
   const acc_t inv_batch = acc_t(1) / acc_t(B);
@@ -155,27 +190,40 @@ __global__ void finish_sum_kernel(const acc_t* __restrict__ partials, int n, sca
 }
 
 // dx[:, u] = grad_scale * inv_std_u (g_u - mean(g_u) - x_hat_u sum(g_u x_hat_u) / n_var),
-// g_iu = alpha P_iu + beta row_i + diag_u other_hat_iu (row / diag may be null).
-template <typename scalar_t, typename acc_t>
-__global__ void backward_cols_kernel(const acc_t* __restrict__ P, acc_t alpha, const acc_t* __restrict__ row,
-                                     acc_t beta, const acc_t* __restrict__ diag, const acc_t* __restrict__ other_hat,
-                                     const acc_t* __restrict__ hat, const acc_t* __restrict__ inv_std,
-                                     const acc_t* __restrict__ grad_scale, int64_t B, int64_t K, acc_t n_var,
-                                     scalar_t* __restrict__ out) {
-  __shared__ acc_t g_sh[kRowLanes][kColsPerBlock], gx_sh[kRowLanes][kColsPerBlock];
-  const int64_t u = int64_t(blockIdx.x) * kColsPerBlock + threadIdx.x;
-  const bool active = u < K;
-  const acc_t d = (active && diag != nullptr) ? diag[u] : acc_t(0);
-  auto g_at = [&](int64_t i) {
+// g_iu = alpha P_iu + beta row_i + diag_u other_hat_iu (row / diag may be null). Split-B in two launches:
+// backward_cols_partial_kernel sums (g, g x_hat) over row chunk blockIdx.y into partial[y][0|1][u];
+// backward_cols_apply_kernel adds the chunks in order and writes its chunk's rows.
+template <typename acc_t>
+struct ColumnGrad {
+  const acc_t* P;
+  acc_t alpha;
+  const acc_t* row;
+  acc_t beta;
+  const acc_t* diag;
+  const acc_t* other_hat;
+  int64_t K;
+  __device__ __forceinline__ acc_t at(int64_t i, int64_t u, acc_t d) const {
     acc_t g = alpha * P[i * K + u];
     if (row != nullptr) g += beta * row[i];
     if (diag != nullptr) g += d * other_hat[i * K + u];
     return g;
-  };
+  }
+};
+
+template <typename acc_t>
+__global__ void backward_cols_partial_kernel(ColumnGrad<acc_t> cg, const acc_t* __restrict__ hat, int64_t B,
+                                             int64_t rows_per, acc_t* __restrict__ partial) {
+  __shared__ acc_t g_sh[kRowLanes][kColsPerBlock], gx_sh[kRowLanes][kColsPerBlock];
+  const int64_t K = cg.K;
+  const int64_t u = int64_t(blockIdx.x) * kColsPerBlock + threadIdx.x;
+  const int64_t begin = int64_t(blockIdx.y) * rows_per;
+  const int64_t end = begin + rows_per < B ? begin + rows_per : B;
   acc_t gs = 0, gx = 0;
-  if (active) {
-    for (int64_t i = threadIdx.y; i < B; i += kRowLanes) {
-      const acc_t g = g_at(i);
+  if (u < K) {
+    const acc_t d = cg.diag != nullptr ? cg.diag[u] : acc_t(0);
+#pragma unroll 4
+    for (int64_t i = begin + threadIdx.y; i < end; i += kRowLanes) {
+      const acc_t g = cg.at(i, u, d);
       gs += g;
       gx += g * hat[i * K + u];
     }
@@ -183,17 +231,37 @@ __global__ void backward_cols_kernel(const acc_t* __restrict__ P, acc_t alpha, c
   g_sh[threadIdx.y][threadIdx.x] = gs;
   gx_sh[threadIdx.y][threadIdx.x] = gx;
   __syncthreads();
-  gs = 0;
-  gx = 0;
-  for (int r = 0; r < kRowLanes; ++r) {
-    gs += g_sh[r][threadIdx.x];
-    gx += gx_sh[r][threadIdx.x];
+  if (threadIdx.y == 0 && u < K) {
+    for (int r = 1; r < kRowLanes; ++r) {
+      gs += g_sh[r][threadIdx.x];
+      gx += gx_sh[r][threadIdx.x];
+    }
+    partial[(int64_t(blockIdx.y) * 2) * K + u] = gs;
+    partial[(int64_t(blockIdx.y) * 2 + 1) * K + u] = gx;
   }
-  if (!active) return;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void backward_cols_apply_kernel(ColumnGrad<acc_t> cg, const acc_t* __restrict__ hat,
+                                           const acc_t* __restrict__ inv_std, const acc_t* __restrict__ grad_scale,
+                                           const acc_t* __restrict__ partial, int splits, int64_t B, int64_t rows_per,
+                                           acc_t n_var, scalar_t* __restrict__ out) {
+  const int64_t K = cg.K;
+  const int64_t u = int64_t(blockIdx.x) * kColsPerBlock + threadIdx.x;
+  if (u >= K) return;  // no barrier below
+  acc_t gs = 0, gx = 0;
+  for (int j = 0; j < splits; ++j) {
+    gs += partial[(int64_t(j) * 2) * K + u];
+    gx += partial[(int64_t(j) * 2 + 1) * K + u];
+  }
+  const acc_t d = cg.diag != nullptr ? cg.diag[u] : acc_t(0);
   const acc_t g_mean = gs / acc_t(B), scale = grad_scale != nullptr ? *grad_scale : acc_t(1), r = inv_std[u];
-  for (int64_t i = threadIdx.y; i < B; i += kRowLanes) {
-    out[i * K + u] = static_cast<scalar_t>(scale * math::standardise_backward(g_at(i), g_mean, hat[i * K + u], gx, r,
-                                                                               n_var));
+  const int64_t begin = int64_t(blockIdx.y) * rows_per;
+  const int64_t end = begin + rows_per < B ? begin + rows_per : B;
+#pragma unroll 4
+  for (int64_t i = begin + threadIdx.y; i < end; i += kRowLanes) {
+    out[i * K + u] = static_cast<scalar_t>(
+        scale * math::standardise_backward(cg.at(i, u, d), g_mean, hat[i * K + u], gx, r, n_var));
   }
 }
 
@@ -251,27 +319,26 @@ __global__ void fused_small_backward_kernel(const scalar_t* __restrict__ a, cons
   }
 }
 
-[[noreturn]] void raise_constant_column(int64_t column, int64_t Ka) {
-  const bool in_a = column < Ka;
-  TORCH_CHECK(false, "fcl_ext: cross_correlation: column ", in_a ? column : column - Ka, " of ", in_a ? "a" : "b",
-              " is constant over the batch (zero variance), so standardising it divides by zero. "
-              "Pass eps > 0 (e.g. eps=1e-5) to allow constant columns.");
-  __builtin_unreachable();
-}
-
 bool use_fused(int64_t B, int64_t Ka, int64_t Kb) {
   return Ka <= kFusedMaxK && Kb <= kFusedMaxK && B * Ka * Kb <= kFusedMaxWork;
 }
 
-int grid_for(int64_t n, int threads) {
-  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4 * 132));
+// Row chunks for the split-B column kernels: enough blocks to give every SM two, at least kRowsPerSplit
+// rows each; returns (splits, rows per split).
+std::pair<int, int64_t> row_splits(int64_t B, int64_t K) {
+  const int64_t col_blocks = (K + kColsPerBlock - 1) / kColsPerBlock;
+  const int64_t want = std::max<int64_t>(1, (2 * int64_t(cuda::sm_count()) + col_blocks - 1) / col_blocks);
+  const int64_t by_rows = std::max<int64_t>(1, B / kRowsPerSplit);
+  const int64_t splits = std::min<int64_t>({want, by_rows, 65535});
+  const int64_t rows_per = (B + splits - 1) / splits;
+  return {static_cast<int>((B + rows_per - 1) / rows_per), rows_per};
 }
 
 // The fused one-launch forward. matrix_dtype: dtype of the written M (undefined = don't write it).
 void fused_forward(const at::Tensor& a, const at::Tensor& b, bool unbiased, double eps, double w, double tau,
                    at::Tensor* matrix, at::Tensor* loss, at::Tensor& stats_a, at::Tensor& stats_b) {
   const int64_t B = a.size(0), Ka = a.size(1), Kb = b.size(1);
-  auto bad = at::empty({1}, a.options().dtype(at::kInt));
+  long long* errors = cuda::device_error_buffer(a);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_correlation_fused_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -283,7 +350,7 @@ void fused_forward(const at::Tensor& a, const at::Tensor& b, bool unbiased, doub
       fused_small_kernel<scalar_t, acc_t, out_t><<<1, kFusedThreads, smem, stream>>>(
           a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), B, Ka, Kb, n_var, static_cast<acc_t>(eps),
           static_cast<acc_t>(w), static_cast<acc_t>(tau), out_ptr, loss_ptr, stats_a.mutable_data_ptr<acc_t>(),
-          stats_b.mutable_data_ptr<acc_t>(), bad.mutable_data_ptr<int>());
+          stats_b.mutable_data_ptr<acc_t>(), errors);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (matrix == nullptr) {
@@ -294,33 +361,32 @@ void fused_forward(const at::Tensor& a, const at::Tensor& b, bool unbiased, doub
       launch(matrix->mutable_data_ptr<acc_t>());
     }
   });
-  if (eps == 0) {
-    const int column = bad.item<int>();
-    if (column >= 0) raise_constant_column(column, Ka);
-  }
 }
 
-at::Tensor compute_stats(const at::Tensor& x, bool unbiased, double eps) {
+at::Tensor compute_stats(const at::Tensor& x, bool unbiased, double eps, int which) {
   const int64_t B = x.size(0), K = x.size(1);
   auto stats = at::empty({2, K}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  if (K == 0) return stats;  // no launch with a 0-block grid
+  const std::pair<int, int64_t> split = row_splits(B, K);
+  const int splits = split.first;
+  const int64_t rows_per = split.second;
+  auto partial = at::empty({splits, 2, K}, stats.options());
+  long long* errors = cuda::device_error_buffer(x);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_correlation_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 block(kColsPerBlock, kRowLanes);
-    const int grid = static_cast<int>((K + kColsPerBlock - 1) / kColsPerBlock);
+    const dim3 grid(static_cast<unsigned>((K + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(splits));
+    column_stats_partial_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), B, K, rows_per, partial.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     acc_t* sp = stats.mutable_data_ptr<acc_t>();
-    column_stats_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), B, K, unbiased ? acc_t(B - 1) : acc_t(B), static_cast<acc_t>(eps), sp, sp + K);
+    column_stats_finish_kernel<scalar_t, acc_t><<<static_cast<unsigned>((K + 255) / 256), 256, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), partial.const_data_ptr<acc_t>(), splits, B, K,
+        unbiased ? acc_t(B - 1) : acc_t(B), static_cast<acc_t>(eps), sp, sp + K, which, errors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return stats;
-}
-
-void check_finite_stats(const at::Tensor& stats_a, const at::Tensor& stats_b) {
-  const int64_t Ka = stats_a.size(1);
-  const auto inv = at::cat({stats_a[1], stats_b[1]});
-  const auto bad = at::isinf(inv);
-  if (bad.any().item<bool>()) raise_constant_column(bad.nonzero()[0][0].item<int64_t>(), Ka);
 }
 
 at::Tensor standardised(const at::Tensor& x, const at::Tensor& stats, double scale) {
@@ -330,7 +396,11 @@ at::Tensor standardised(const at::Tensor& x, const at::Tensor& stats, double sca
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_correlation_standardise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    standardise_kernel<scalar_t, acc_t><<<grid_for(B * K, 256), 256, 0, stream>>>(
+    const int64_t col_blocks = (K + 255) / 256;
+    const int64_t row_blocks = std::max<int64_t>(
+        1, std::min<int64_t>({(4 * int64_t(cuda::sm_count()) + col_blocks - 1) / col_blocks, B, 65535}));
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(row_blocks));
+    standardise_kernel<scalar_t, acc_t><<<grid, 256, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), B, K, stats.const_data_ptr<acc_t>(), static_cast<acc_t>(scale),
         hat.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -341,9 +411,8 @@ at::Tensor standardised(const at::Tensor& x, const at::Tensor& stats, double sca
 // General path: M = a_hat^T b_hat / B by cuBLAS, in the accumulation dtype.
 at::Tensor general_matrix(const at::Tensor& a, const at::Tensor& b, bool unbiased, double eps, at::Tensor& stats_a,
                           at::Tensor& stats_b) {
-  stats_a = compute_stats(a, unbiased, eps);
-  stats_b = compute_stats(b, unbiased, eps);
-  if (eps == 0) check_finite_stats(stats_a, stats_b);
+  stats_a = compute_stats(a, unbiased, eps, 0);
+  stats_b = compute_stats(b, unbiased, eps, 1);
   const auto a_hat = standardised(a, stats_a, 1.0);
   const auto b_hat = standardised(b, stats_b, 1.0 / static_cast<double>(a.size(0)));
   return at::mm(a_hat.t(), b_hat);
@@ -387,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_correlation_los
   at::Tensor stats_a, stats_b;
   auto m = general_matrix(ac, bc, unbiased, eps, stats_a, stats_b);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int threads = 512, blocks = grid_for(K * K, threads);
+  const int threads = 512, blocks = cuda::grid_stride_blocks(K * K, threads);
   auto partials = at::empty({blocks}, m.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_correlation_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -419,6 +488,7 @@ std::tuple<at::Tensor, at::Tensor> cross_correlation_backward_cuda(
     const auto sa = stats_a.contiguous(), sb = stats_b.contiguous();
     const auto g = grad.contiguous();
     const auto gm = from_loss ? matrix.contiguous() : g;
+    if (Ka + Kb == 0) return {grad_a, grad_b};  // nothing to launch (a 0-block grid is an error)
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cross_correlation_fused_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -470,14 +540,23 @@ std::tuple<at::Tensor, at::Tensor> cross_correlation_backward_cuda(
     auto run = [&](const at::Tensor& P, const at::Tensor& row, const at::Tensor& other_hat, const at::Tensor& hat,
                    const at::Tensor& stats, int64_t K, at::Tensor& out) {
       if (out.numel() == 0) return;
+      const std::pair<int, int64_t> split = row_splits(B, K);
+      const int splits = split.first;
+      const int64_t rows_per = split.second;
+      auto partial = at::empty({splits, 2, K}, P.options());
+      const ColumnGrad<acc_t> cg{P.const_data_ptr<acc_t>(), static_cast<acc_t>(alpha),
+                                 row.defined() ? row.const_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(beta),
+                                 diag.defined() ? diag.const_data_ptr<acc_t>() : nullptr,
+                                 other_hat.const_data_ptr<acc_t>(), K};
       const dim3 block(kColsPerBlock, kRowLanes);
-      const int grid = static_cast<int>((K + kColsPerBlock - 1) / kColsPerBlock);
-      backward_cols_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
-          P.const_data_ptr<acc_t>(), static_cast<acc_t>(alpha), row.defined() ? row.const_data_ptr<acc_t>() : nullptr,
-          static_cast<acc_t>(beta), diag.defined() ? diag.const_data_ptr<acc_t>() : nullptr,
-          other_hat.const_data_ptr<acc_t>(), hat.const_data_ptr<acc_t>(), stats.const_data_ptr<acc_t>() + K,
-          grad_scale.defined() ? grad_scale.const_data_ptr<acc_t>() : nullptr, B, K, static_cast<acc_t>(n_var),
-          out.mutable_data_ptr<scalar_t>());
+      const dim3 grid(static_cast<unsigned>((K + kColsPerBlock - 1) / kColsPerBlock), static_cast<unsigned>(splits));
+      backward_cols_partial_kernel<acc_t><<<grid, block, 0, stream>>>(cg, hat.const_data_ptr<acc_t>(), B, rows_per,
+                                                                      partial.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backward_cols_apply_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
+          cg, hat.const_data_ptr<acc_t>(), stats.const_data_ptr<acc_t>() + K,
+          grad_scale.defined() ? grad_scale.const_data_ptr<acc_t>() : nullptr, partial.const_data_ptr<acc_t>(), splits,
+          B, rows_per, static_cast<acc_t>(n_var), out.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (need_a) {

@@ -3,6 +3,8 @@
 // G_i = 1 - sigmoid(o_{i,y_i}); (2) one block over the batch forms the two group means of G,
 // the weights w and the per-sample losses. Backward: one elementwise pass per row.
 // Same per-element formulas as the CPU kernel (fcl_ext/math.h).
+// A label outside [0, C) makes its row NaN (loss, weight, gradient), is left out of the group means, and is
+// recorded as a device error (fcl_ext.check_device_errors()); no host sync, no device assert.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,6 +13,7 @@
 #include "fcl_ext/cuda_utils.cuh"
 #include "fcl_ext/glfc_checks.h"
 #include "fcl_ext/math.h"
+#include "kernel_utils.cuh"
 
 namespace fcl_ext {
 namespace {
@@ -38,17 +41,18 @@ struct RowMapping {
 };
 
 template <typename scalar_t, typename opmath_t, bool kWarpPerRow>
-__global__ void glfc_rows_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ q,
+__global__ void __launch_bounds__(1024) glfc_rows_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ q,
                                      const int64_t* __restrict__ labels, opmath_t* __restrict__ g_out,
-                                     opmath_t* __restrict__ row_sums, int64_t N, int64_t C, int64_t c_old) {
+                                     opmath_t* __restrict__ row_sums, int64_t N, int64_t C, int64_t c_old,
+                                     long long* __restrict__ errors) {
   __shared__ opmath_t shared[32];
   const RowMapping<kWarpPerRow> map;
   // Warp-per-row: a warp past the last row still takes part in nothing block-wide, so it may leave.
   if (kWarpPerRow && map.row >= N) return;
   const int64_t r = map.row;
   const int64_t y = labels[r];
-  CUDA_KERNEL_ASSERT(y >= 0 && y < C);
   const bool valid = y >= 0 && y < C;
+  if (!valid && map.tid == 0) cuda::report_device_error(errors, cuda::kErrLabelRange, cuda::kOpGlfcLoss, r, y, C);
   const scalar_t* row = x + r * C;
   const scalar_t* qrow = c_old > 0 ? q + r * c_old : nullptr;
   // The target's own terms are added once, exactly, below: summing softplus(o_y) and then
@@ -86,7 +90,7 @@ __global__ void glfc_rows_fwd_kernel(const scalar_t* __restrict__ x, const scala
 // One block: group means of G (old / new label), then w, the per-sample loss and row_stats / C.
 // `weights` holds G on entry and w on exit.
 template <typename scalar_t, typename opmath_t>
-__global__ void glfc_batch_kernel(const int64_t* __restrict__ labels, const bool* __restrict__ mask,
+__global__ void __launch_bounds__(kBatchThreads) glfc_batch_kernel(const int64_t* __restrict__ labels, const bool* __restrict__ mask,
                                   opmath_t* __restrict__ weights, opmath_t* __restrict__ row_stats,
                                   scalar_t* __restrict__ per_sample, int64_t N, int64_t C, opmath_t gc_weight,
                                   opmath_t rd_weight) {
@@ -103,7 +107,8 @@ __global__ void glfc_batch_kernel(const int64_t* __restrict__ labels, const bool
     for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
       const int64_t y = labels[i];
       const double g = static_cast<double>(weights[i]);
-      if (y >= 0 && y < C && mask[y]) {
+      if (y < 0 || y >= C) continue;  // an invalid label's NaN stays out of both groups
+      if (mask[y]) {
         sum_old += g;
         count_old += 1;
       } else {
@@ -121,10 +126,11 @@ __global__ void glfc_batch_kernel(const int64_t* __restrict__ labels, const bool
   const opmath_t inv_c = opmath_t(1) / static_cast<opmath_t>(C);
   for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
     opmath_t w = 1;
-    if (any_old) {
-      const int64_t y = labels[i];
-      const bool old = y >= 0 && y < C && mask[y];
-      w = math::gradient_compensation_weight(weights[i], old ? mean_old : mean_new);
+    const int64_t y = labels[i];
+    if (y < 0 || y >= C) {
+      w = std::numeric_limits<opmath_t>::quiet_NaN();
+    } else if (any_old) {
+      w = math::gradient_compensation_weight(weights[i], mask[y] ? mean_old : mean_new);
     }
     weights[i] = w;
     const opmath_t gc = row_stats[2 * i] * inv_c, rd = row_stats[2 * i + 1] * inv_c;
@@ -136,7 +142,7 @@ __global__ void glfc_batch_kernel(const int64_t* __restrict__ labels, const bool
 
 // grad_c = s [gc_w w (p_c - t_c) + rd_w (p_c - t'_c)], s = grad_i / C.
 template <typename scalar_t, typename opmath_t, bool kWarpPerRow>
-__global__ void glfc_rows_bwd_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ x,
+__global__ void __launch_bounds__(1024) glfc_rows_bwd_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ x,
                                      const scalar_t* __restrict__ q, const int64_t* __restrict__ labels,
                                      const opmath_t* __restrict__ weights, scalar_t* __restrict__ grad_x, int64_t N,
                                      int64_t C, int64_t c_old, opmath_t gc_weight, opmath_t rd_weight) {
@@ -144,7 +150,7 @@ __global__ void glfc_rows_bwd_kernel(const scalar_t* __restrict__ grad_loss, con
   if (map.row >= N) return;
   const int64_t r = map.row;
   const int64_t y = labels[r];
-  CUDA_KERNEL_ASSERT(y >= 0 && y < C);
+  const bool valid = y >= 0 && y < C;  // else a NaN row (the forward recorded the error)
   const opmath_t scale = static_cast<opmath_t>(grad_loss[r]) / static_cast<opmath_t>(C);
   const opmath_t w = weights[r];
   const opmath_t a = scale * (gc_weight * w + rd_weight), b = scale * rd_weight;
@@ -163,7 +169,7 @@ __global__ void glfc_rows_bwd_kernel(const scalar_t* __restrict__ grad_loss, con
       v = a * math::sigmoid(o);
       if (c < c_old) v -= b * math::sigmoid(static_cast<opmath_t>(qrow[c]));
     }
-    out[c] = static_cast<scalar_t>(v);
+    out[c] = static_cast<scalar_t>(valid ? v : std::numeric_limits<opmath_t>::quiet_NaN());
   }
 }
 
@@ -200,6 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> glfc_loss_cuda(const at::Tensor& 
   const at::Tensor mask = old_class_mask.has_value() ? old_class_mask->contiguous() : at::Tensor();
   const RowLaunch launch = row_launch(N, C);
   TORCH_CHECK(launch.blocks <= INT32_MAX, "fcl_ext: too many rows for one launch: ", N);
+  long long* errors = cuda::device_error_buffer(logits);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "glfc_loss_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -210,10 +217,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> glfc_loss_cuda(const at::Tensor& 
     opmath_t* sp = row_stats.mutable_data_ptr<opmath_t>();
     if (launch.warp_per_row) {
       glfc_rows_fwd_kernel<scalar_t, opmath_t, true>
-          <<<launch.blocks, launch.threads, 0, stream>>>(xp, qp, yp, wp, sp, N, C, c_old);
+          <<<launch.blocks, launch.threads, 0, stream>>>(xp, qp, yp, wp, sp, N, C, c_old, errors);
     } else {
       glfc_rows_fwd_kernel<scalar_t, opmath_t, false>
-          <<<launch.blocks, launch.threads, 0, stream>>>(xp, qp, yp, wp, sp, N, C, c_old);
+          <<<launch.blocks, launch.threads, 0, stream>>>(xp, qp, yp, wp, sp, N, C, c_old, errors);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     glfc_batch_kernel<scalar_t, opmath_t><<<1, kBatchThreads, 0, stream>>>(

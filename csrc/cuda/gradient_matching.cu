@@ -1,8 +1,13 @@
 // Gradient matching loss and the batched L-BFGS two-loop recursion on CUDA.
-// gradient_matching_loss: one block per row, block reductions in the accumulation type;
-// its backward is one elementwise pass. lbfgs_direction: one block per problem; every
-// thread owns the same coordinates of q through the whole recursion, so only the dot
-// products (block reductions) synchronise. Same formulas as the CPU kernels (math.h).
+// gradient_matching_loss: the rows' sums (<g,t>, |g|^2, |t|^2 or |g-t|^2) by one block per row, or, when
+// K is too small to fill the device, by several blocks per row (split-P) whose partial sums a finish
+// kernel adds in a fixed order (deterministic); block reductions in the accumulation type. Its backward
+// is one elementwise pass (any K: rows beyond the 65535 grid.y limit are looped over).
+// lbfgs_direction: one block per problem; every thread owns the same coordinates of q through the whole
+// recursion, so only the dot products (block reductions) synchronise; each q update pass also forms the
+// next dot product (one pass over q per history pair instead of two). Invalid hist_len / hist_start
+// give a NaN direction for that problem and a device error (fcl_ext.check_device_errors()).
+// Same formulas as the CPU kernels (math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,19 +19,27 @@
 #include "fcl_ext/op_checks.h"
 #include "fcl_ext/cuda_utils.cuh"
 #include "fcl_ext/math.h"
+#include "kernel_utils.cuh"
 
 namespace fcl_ext {
 namespace {
 
+// Block (blockIdx.x, k) sums its share of row k (chunk blockIdx.x of gridDim.x). With one block per row
+// (gridDim.x == 1) it writes the loss and stats; else its three sums go to partial[k][blockIdx.x].
 template <typename scalar_t, typename opmath_t>
-__global__ void matching_fwd_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ t,
-                                    scalar_t* __restrict__ loss, opmath_t* __restrict__ stats, int64_t P,
-                                    bool cosine) {
+__global__ void __launch_bounds__(1024)
+    matching_fwd_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ t, scalar_t* __restrict__ loss,
+                        opmath_t* __restrict__ stats, opmath_t* __restrict__ partial, int64_t P, int64_t chunk,
+                        bool cosine) {
   __shared__ opmath_t shared[32];
-  const scalar_t* gr = g + blockIdx.x * P;
-  const scalar_t* tr = t + blockIdx.x * P;
+  const int64_t k = blockIdx.y;
+  const scalar_t* gr = g + k * P;
+  const scalar_t* tr = t + k * P;
+  const int64_t begin = int64_t(blockIdx.x) * chunk;
+  const int64_t end = begin + chunk < P ? begin + chunk : P;
   opmath_t a = 0, b = 0, c = 0;
-  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+#pragma unroll 4
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const opmath_t gv = static_cast<opmath_t>(gr[i]), tv = static_cast<opmath_t>(tr[i]);
     if (cosine) {
       a += gv * tv;
@@ -42,30 +55,68 @@ __global__ void matching_fwd_kernel(const scalar_t* __restrict__ g, const scalar
     b = cuda::block_sum(b, shared);
     c = cuda::block_sum(c, shared);
   }
-  if (threadIdx.x == 0) {
-    opmath_t* st = stats + 3 * blockIdx.x;
-    st[0] = a;
-    st[1] = b;
-    st[2] = c;
-    loss[blockIdx.x] = static_cast<scalar_t>(cosine ? math::cosine_matching_loss(a, b, c) : a);
+  if (threadIdx.x != 0) return;
+  if (gridDim.x > 1) {
+    opmath_t* pt = partial + 3 * (k * gridDim.x + blockIdx.x);
+    pt[0] = a;
+    pt[1] = b;
+    pt[2] = c;
+    return;
   }
+  opmath_t* st = stats + 3 * k;
+  st[0] = a;
+  st[1] = b;
+  st[2] = c;
+  loss[k] = static_cast<scalar_t>(cosine ? math::cosine_matching_loss(a, b, c) : a);
+}
+
+// Split-P finish: one thread per row adds its `splits` partial sums in order.
+template <typename scalar_t, typename opmath_t>
+__global__ void matching_finish_kernel(const opmath_t* __restrict__ partial, int64_t K, int splits,
+                                       scalar_t* __restrict__ loss, opmath_t* __restrict__ stats, bool cosine) {
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  opmath_t a = 0, b = 0, c = 0;
+  for (int j = 0; j < splits; ++j) {
+    const opmath_t* pt = partial + 3 * (k * splits + j);
+    a += pt[0];
+    b += pt[1];
+    c += pt[2];
+  }
+  opmath_t* st = stats + 3 * k;
+  st[0] = a;
+  st[1] = b;
+  st[2] = c;
+  loss[k] = static_cast<scalar_t>(cosine ? math::cosine_matching_loss(a, b, c) : a);
 }
 
 template <typename scalar_t, typename opmath_t>
 __global__ void matching_bwd_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ g,
                                     const scalar_t* __restrict__ t, const opmath_t* __restrict__ stats,
-                                    scalar_t* __restrict__ out, int64_t P, bool cosine) {
-  const int64_t k = blockIdx.y;
-  opmath_t a = 2, b = 2;
-  if (cosine) math::cosine_matching_grad_coeffs(stats[3 * k], stats[3 * k + 1], stats[3 * k + 2], &a, &b);
-  const opmath_t up = static_cast<opmath_t>(grad_loss[k]);
-  a *= up;
-  b *= up;
-  for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < P; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t at = k * P + i;
-    out[at] = static_cast<scalar_t>(
-        math::matching_grad(cosine, a, b, static_cast<opmath_t>(g[at]), static_cast<opmath_t>(t[at])));
+                                    scalar_t* __restrict__ out, int64_t K, int64_t P, bool cosine) {
+  for (int64_t k = blockIdx.y; k < K; k += gridDim.y) {  // grid.y is at most 65535
+    opmath_t a = 2, b = 2;
+    if (cosine) math::cosine_matching_grad_coeffs(stats[3 * k], stats[3 * k + 1], stats[3 * k + 2], &a, &b);
+    const opmath_t up = static_cast<opmath_t>(grad_loss[k]);
+    a *= up;
+    b *= up;
+#pragma unroll 4
+    for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < P; i += (int64_t)gridDim.x * blockDim.x) {
+      const int64_t at = k * P + i;
+      out[at] = static_cast<scalar_t>(
+          math::matching_grad(cosine, a, b, static_cast<opmath_t>(g[at]), static_cast<opmath_t>(t[at])));
+    }
   }
+}
+
+// Blocks per row for the forward: 1 when K rows fill the device twice over or a row is short, else enough
+// chunks (of at least 8 elements per thread) to give every SM two blocks.
+int64_t matching_splits(int64_t K, int64_t P, int threads) {
+  const int64_t want_blocks = 2 * int64_t(cuda::sm_count());
+  if (K >= want_blocks) return 1;
+  const int64_t by_device = (want_blocks + K - 1) / K;
+  const int64_t by_length = P / (int64_t(threads) * 8);
+  return std::max<int64_t>(1, std::min(by_device, by_length));
 }
 
 std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cuda(const at::Tensor& grads, const at::Tensor& target_grads,
@@ -79,15 +130,31 @@ std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cuda(const at::Tensor&
   auto loss = at::empty({K}, g.options());
   auto stats = at::zeros({K, 3}, g.options().dtype(at::toOpMathType(g.scalar_type())));
   if (K == 0) return {loss, stats};
-  TORCH_CHECK(K <= INT32_MAX, "fcl_ext: too many rows for one launch: ", K);
   const int threads = cuda::row_block_threads(P);
+  const int64_t splits = matching_splits(K, P, threads);
+  TORCH_CHECK(K <= 65535 || splits == 1, "fcl_ext: internal: split-P path with K > 65535");
+  const int64_t rows_per_launch = 65535;  // grid.y limit: more rows go in several launches
+  const int64_t chunk = (P + splits - 1) / splits;
+  const auto opmath = at::toOpMathType(g.scalar_type());
+  at::Tensor partial = splits > 1 ? at::empty({K, splits, 3}, g.options().dtype(opmath)) : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_matching_loss_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    matching_fwd_kernel<scalar_t, opmath_t><<<K, threads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), loss.mutable_data_ptr<scalar_t>(),
-        stats.mutable_data_ptr<opmath_t>(), P, cosine);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t k0 = 0; k0 < K; k0 += rows_per_launch) {
+      const int64_t rows = std::min(rows_per_launch, K - k0);
+      const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(rows));
+      matching_fwd_kernel<scalar_t, opmath_t><<<grid, threads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>() + k0 * P, t.const_data_ptr<scalar_t>() + k0 * P,
+          loss.mutable_data_ptr<scalar_t>() + k0, stats.mutable_data_ptr<opmath_t>() + 3 * k0,
+          splits > 1 ? partial.mutable_data_ptr<opmath_t>() : nullptr, P, chunk, cosine);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (splits > 1) {
+      matching_finish_kernel<scalar_t, opmath_t><<<static_cast<unsigned>((K + 127) / 128), 128, 0, stream>>>(
+          partial.const_data_ptr<opmath_t>(), K, static_cast<int>(splits), loss.mutable_data_ptr<scalar_t>(),
+          stats.mutable_data_ptr<opmath_t>(), cosine);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {loss, stats};
 }
@@ -105,16 +172,15 @@ at::Tensor gradient_matching_loss_backward_cuda(const at::Tensor& grad_loss, con
   const int64_t K = g.size(0), P = g.size(1);
   auto out = at::empty_like(g);
   if (g.numel() == 0) return out;
-  TORCH_CHECK(K <= 65535, "fcl_ext: gradient_matching_loss backward supports at most 65535 rows, got ", K);
   const int threads = 256;
-  const int64_t blocks_x = std::min<int64_t>((P + threads - 1) / threads, 1024);
-  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(K));
+  const int64_t blocks_x = std::max<int64_t>(1, std::min<int64_t>((P + threads - 1) / threads, 1024));
+  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(std::min<int64_t>(K, 65535)));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_matching_loss_backward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     matching_bwd_kernel<scalar_t, opmath_t><<<grid, threads, 0, stream>>>(
         go.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-        st.const_data_ptr<opmath_t>(), out.mutable_data_ptr<scalar_t>(), P, cosine);
+        st.const_data_ptr<opmath_t>(), out.mutable_data_ptr<scalar_t>(), K, P, cosine);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -122,41 +188,81 @@ at::Tensor gradient_matching_loss_backward_cuda(const at::Tensor& grad_loss, con
 
 // ---- lbfgs_direction --------------------------------------------------------------
 
+// Problem k's history must have 0 <= hist_len <= M and, when it is not empty, 0 <= hist_start < M (as the CPU
+// kernel checks); else its direction is NaN and the error is recorded.
 template <typename T>
-__global__ void lbfgs_direction_kernel(const T* __restrict__ g, const T* __restrict__ S, const T* __restrict__ Y,
-                                       const T* __restrict__ rho, const int64_t* __restrict__ hist_len,
-                                       const int64_t* __restrict__ hist_start, const T* __restrict__ h_diag,
-                                       T* __restrict__ d, T* __restrict__ alpha_buf, int64_t D, int64_t M) {
+__global__ void __launch_bounds__(1024)
+    lbfgs_direction_kernel(const T* __restrict__ g, const T* __restrict__ S, const T* __restrict__ Y,
+                           const T* __restrict__ rho, const int64_t* __restrict__ hist_len,
+                           const int64_t* __restrict__ hist_start, const T* __restrict__ h_diag, T* __restrict__ d,
+                           T* __restrict__ alpha_buf, int64_t D, int64_t M, long long* __restrict__ errors) {
   __shared__ T shared[32];
   const int64_t k = blockIdx.x;
   T* q = d + k * D;
   const T* gk = g + k * D;
-  T* alpha = alpha_buf + k * M;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) q[i] = -gk[i];
+  T* alpha = alpha_buf + k * (M > 0 ? M : 1);
   const int64_t len = hist_len[k];
   const int64_t first = hist_start == nullptr ? 0 : hist_start[k];
-  for (int64_t h = len - 1; h >= 0; --h) {
-    const int64_t j = (first + h) % M;
-    const T* s = S + (k * M + j) * D;
-    const T* y = Y + (k * M + j) * D;
-    T part = 0;
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) part += s[i] * q[i];
-    const T a = cuda::block_sum(part, shared) * rho[k * M + j];
-    if (threadIdx.x == 0) alpha[h] = a;
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) q[i] -= a * y[i];
+  const bool len_ok = len >= 0 && len <= M;
+  const bool start_ok = hist_start == nullptr || len == 0 || (first >= 0 && first < M);  // as the CPU kernel
+  if (!len_ok || !start_ok) {
+    if (threadIdx.x == 0) {
+      cuda::report_device_error(errors, cuda::kErrHistoryRange, cuda::kOpLbfgsDirection, k, len_ok ? first : len, M,
+                                len_ok ? 1 : 0);
+    }
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) q[i] = std::numeric_limits<T>::quiet_NaN();
+    return;  // the whole block takes this branch
   }
+  auto slot = [&](int64_t h) { return k * M + (first + h) % M; };  // only called with M > 0 (h < len <= M)
+  // First loop, newest -> oldest: a_h = rho_h <s_h, q>, q -= a_h y_h. The pass that updates q also forms
+  // <s_{h-1}, q> for the next step, so q is read once per pair.
+  T part = 0;
+  const T* s_next = len > 0 ? S + slot(len - 1) * D : nullptr;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const T v = -gk[i];
+    q[i] = v;
+    if (s_next != nullptr) part += s_next[i] * v;
+  }
+  for (int64_t h = len - 1; h >= 0; --h) {
+    const int64_t j = slot(h);
+    const T a = cuda::block_sum(part, shared) * rho[j];
+    if (threadIdx.x == 0) alpha[h] = a;
+    const T* y = Y + j * D;
+    s_next = h > 0 ? S + slot(h - 1) * D : nullptr;
+    part = 0;
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+      const T v = q[i] - a * y[i];
+      q[i] = v;
+      if (s_next != nullptr) part += s_next[i] * v;
+    }
+  }
+  // r = h_diag q, with <y_0, r> formed in the same pass; then oldest -> newest: b_h = rho_h <y_h, r>,
+  // r += (a_h - b_h) s_h, the update pass forming <y_{h+1}, r>.
   const T hd = h_diag[k];
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) q[i] *= hd;
+  const T* y_next = len > 0 ? Y + slot(0) * D : nullptr;
+  part = 0;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const T v = q[i] * hd;
+    q[i] = v;
+    if (y_next != nullptr) part += y_next[i] * v;
+  }
   __syncthreads();  // alpha[] written by thread 0 is read by all below
   for (int64_t h = 0; h < len; ++h) {
-    const int64_t j = (first + h) % M;
-    const T* s = S + (k * M + j) * D;
-    const T* y = Y + (k * M + j) * D;
-    T part = 0;
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) part += y[i] * q[i];
-    const T beta = cuda::block_sum(part, shared) * rho[k * M + j];
+    const int64_t j = slot(h);
+    const T beta = cuda::block_sum(part, shared) * rho[j];
     const T c = alpha[h] - beta;
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) q[i] += c * s[i];
+    const T* s = S + j * D;
+    y_next = h + 1 < len ? Y + slot(h + 1) * D : nullptr;
+    part = 0;
+#pragma unroll 4
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+      const T v = q[i] + c * s[i];
+      q[i] = v;
+      if (y_next != nullptr) part += y_next[i] * v;
+    }
   }
 }
 
@@ -179,13 +285,14 @@ at::Tensor lbfgs_direction_cuda(const at::Tensor& grad, const at::Tensor& s_hist
   TORCH_CHECK(K <= INT32_MAX, "fcl_ext: too many problems for one launch: ", K);
   auto alpha = at::empty({K, std::max<int64_t>(M, 1)}, g.options());
   const int threads = cuda::row_block_threads(D);
+  long long* errors = cuda::device_error_buffer(grad);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lbfgs_direction_cuda", [&] {
     lbfgs_direction_kernel<scalar_t><<<K, threads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), S.const_data_ptr<scalar_t>(), Y.const_data_ptr<scalar_t>(),
         R.const_data_ptr<scalar_t>(), L.const_data_ptr<int64_t>(),
         start.defined() ? start.const_data_ptr<int64_t>() : nullptr, H.const_data_ptr<scalar_t>(),
-        d.mutable_data_ptr<scalar_t>(), alpha.mutable_data_ptr<scalar_t>(), D, M);
+        d.mutable_data_ptr<scalar_t>(), alpha.mutable_data_ptr<scalar_t>(), D, M, errors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return d;

@@ -1,5 +1,6 @@
-// softmax_entropy on CUDA: one block per row, block reductions in the accumulation
-// type, launched on the current stream. Same formulas as the CPU kernel (fcl_ext/math.h).
+// softmax_entropy on CUDA: one warp per row (8 rows per block) for C <= 128, else one block per row;
+// reductions in the accumulation type, launched on the current stream. Same formulas as the CPU kernel
+// (fcl_ext/math.h). NaN in a row gives NaN out (the sums carry it; the max is NaN-propagating).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,36 +10,43 @@
 #include "fcl_ext/op_checks.h"
 #include "fcl_ext/cuda_utils.cuh"
 #include "fcl_ext/math.h"
+#include "kernel_utils.cuh"
 
 namespace fcl_ext {
 namespace {
 
-template <typename scalar_t, typename opmath_t>
-__global__ void softmax_entropy_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ entropy,
-                                           opmath_t* __restrict__ stats, int64_t C, opmath_t eps) {
+template <typename scalar_t, typename opmath_t, bool kWarpPerRow>
+__global__ void __launch_bounds__(1024)
+    softmax_entropy_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ entropy,
+                               opmath_t* __restrict__ stats, int64_t rows, int64_t C, opmath_t eps) {
   __shared__ opmath_t shared[32];
-  const scalar_t* row = x + blockIdx.x * C;
+  const cuda::RowMap<kWarpPerRow> map;
+  if (kWarpPerRow && map.row >= rows) return;  // a whole warp leaves; no block-wide barrier follows
+  const int64_t r = map.row;
+  const scalar_t* row = x + r * C;
   opmath_t m = -std::numeric_limits<opmath_t>::infinity();
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) m = fmax(m, static_cast<opmath_t>(row[c]));
-  m = cuda::block_max(m, shared);
-  if (m == -std::numeric_limits<opmath_t>::infinity()) {
-    if (threadIdx.x == 0) {
+#pragma unroll 4
+  for (int64_t c = map.tid; c < C; c += map.nthreads) m = cuda::nan_max(m, static_cast<opmath_t>(row[c]));
+  m = cuda::row_max<kWarpPerRow>(m, shared);
+  if (m == -std::numeric_limits<opmath_t>::infinity() || m != m) {  // all -inf, or NaN in the row
+    if (map.tid == 0) {
       const opmath_t nan = std::numeric_limits<opmath_t>::quiet_NaN();
-      entropy[blockIdx.x] = static_cast<scalar_t>(nan);
-      stats[3 * blockIdx.x] = m;
-      stats[3 * blockIdx.x + 1] = nan;
-      stats[3 * blockIdx.x + 2] = nan;
+      entropy[r] = static_cast<scalar_t>(nan);
+      stats[3 * r] = m;
+      stats[3 * r + 1] = nan;
+      stats[3 * r + 2] = nan;
     }
-    return;
+    return;  // every thread of the row took this branch (m is the same for all)
   }
   opmath_t s = 0, t = 0;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    opmath_t d = static_cast<opmath_t>(row[c]) - m, e = ::exp(d);
+#pragma unroll 4
+  for (int64_t c = map.tid; c < C; c += map.nthreads) {
+    const opmath_t d = static_cast<opmath_t>(row[c]) - m, e = ::exp(d);
     s += e;
     t += e == opmath_t(0) ? opmath_t(0) : e * d;
   }
-  s = cuda::block_sum(s, shared);
-  t = cuda::block_sum(t, shared);
+  s = cuda::row_sum<kWarpPerRow>(s, shared);
+  t = cuda::row_sum<kWarpPerRow>(t, shared);
   const opmath_t log_s = ::log(s);
   opmath_t h, abar;
   if (eps == opmath_t(0)) {
@@ -46,37 +54,42 @@ __global__ void softmax_entropy_fwd_kernel(const scalar_t* __restrict__ x, scala
     abar = h - opmath_t(1);
   } else {
     opmath_t hh = 0, q = 0;
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      opmath_t p = ::exp((static_cast<opmath_t>(row[c]) - m) - log_s);
+#pragma unroll 4
+    for (int64_t c = map.tid; c < C; c += map.nthreads) {
+      const opmath_t p = ::exp((static_cast<opmath_t>(row[c]) - m) - log_s);
       hh += p * ::log(p + eps);
       q += p * p / (p + eps);
     }
-    hh = cuda::block_sum(hh, shared);
-    q = cuda::block_sum(q, shared);
+    hh = cuda::row_sum<kWarpPerRow>(hh, shared);
+    q = cuda::row_sum<kWarpPerRow>(q, shared);
     h = -hh;
     abar = h - q;
   }
-  if (threadIdx.x == 0) {
-    entropy[blockIdx.x] = static_cast<scalar_t>(h);
-    stats[3 * blockIdx.x] = m;
-    stats[3 * blockIdx.x + 1] = log_s;
-    stats[3 * blockIdx.x + 2] = abar;
+  if (map.tid == 0) {
+    entropy[r] = static_cast<scalar_t>(h);
+    stats[3 * r] = m;
+    stats[3 * r + 1] = log_s;
+    stats[3 * r + 2] = abar;
   }
 }
 
-template <typename scalar_t, typename opmath_t>
-__global__ void softmax_entropy_bwd_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ x,
-                                           const opmath_t* __restrict__ stats, scalar_t* __restrict__ grad_x,
-                                           int64_t C, opmath_t eps) {
-  const int64_t r = blockIdx.x;
+// Elementwise per row, with the forward's row mapping (no division per element).
+template <typename scalar_t, typename opmath_t, bool kWarpPerRow>
+__global__ void __launch_bounds__(1024)
+    softmax_entropy_bwd_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ x,
+                               const opmath_t* __restrict__ stats, scalar_t* __restrict__ grad_x, int64_t rows,
+                               int64_t C, opmath_t eps) {
+  const cuda::RowMap<kWarpPerRow> map;
+  if (map.row >= rows) return;
+  const int64_t r = map.row;
   const opmath_t m = stats[3 * r], log_s = stats[3 * r + 1], abar = stats[3 * r + 2];
   const opmath_t g = static_cast<opmath_t>(grad_h[r]);
   const scalar_t* row = x + r * C;
   scalar_t* out = grad_x + r * C;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    opmath_t logp = (static_cast<opmath_t>(row[c]) - m) - log_s, p = ::exp(logp);
-    out[c] = static_cast<scalar_t>(p == opmath_t(0) ? opmath_t(0)
-                                                    : g * p * (math::entropy_dp(p, logp, eps) - abar));
+#pragma unroll 4
+  for (int64_t c = map.tid; c < C; c += map.nthreads) {
+    const opmath_t logp = (static_cast<opmath_t>(row[c]) - m) - log_s, p = ::exp(logp);
+    out[c] = static_cast<scalar_t>(p == opmath_t(0) ? opmath_t(0) : g * p * (math::entropy_dp(p, logp, eps) - abar));
   }
 }
 
@@ -92,14 +105,21 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits
   auto stats = at::empty({rows, 3}, logits.options().dtype(at::toOpMathType(logits.scalar_type())));
   if (rows == 0) return {entropy, stats};
   TORCH_CHECK(C > 0, "fcl_ext: logits must have at least one class (last dim > 0)");
-  TORCH_CHECK(rows <= INT32_MAX, "fcl_ext: too many rows for one launch: ", rows);
-  const int threads = cuda::row_block_threads(C);
+  const cuda::RowLaunch launch = cuda::row_launch(rows, C);
+  TORCH_CHECK(launch.blocks <= INT32_MAX, "fcl_ext: too many rows for one launch: ", rows);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_entropy_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    softmax_entropy_fwd_kernel<scalar_t, opmath_t><<<rows, threads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), entropy.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<opmath_t>(), C,
-        static_cast<opmath_t>(eps));
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* hp = entropy.mutable_data_ptr<scalar_t>();
+    opmath_t* sp = stats.mutable_data_ptr<opmath_t>();
+    if (launch.warp_per_row) {
+      softmax_entropy_fwd_kernel<scalar_t, opmath_t, true>
+          <<<launch.blocks, launch.threads, 0, stream>>>(xp, hp, sp, rows, C, static_cast<opmath_t>(eps));
+    } else {
+      softmax_entropy_fwd_kernel<scalar_t, opmath_t, false>
+          <<<launch.blocks, launch.threads, 0, stream>>>(xp, hp, sp, rows, C, static_cast<opmath_t>(eps));
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {entropy, stats};
@@ -116,13 +136,21 @@ at::Tensor softmax_entropy_backward_cuda(const at::Tensor& grad_entropy, const a
   auto grad = at::empty_like(x);
   const int64_t rows = C == 0 ? 0 : x.numel() / C;
   if (rows == 0) return grad;
-  const int threads = cuda::row_block_threads(C);
+  const cuda::RowLaunch launch = cuda::row_launch(rows, C);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_entropy_backward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    softmax_entropy_bwd_kernel<scalar_t, opmath_t><<<rows, threads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), st.const_data_ptr<opmath_t>(),
-        grad.mutable_data_ptr<scalar_t>(), C, static_cast<opmath_t>(eps));
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const opmath_t* sp = st.const_data_ptr<opmath_t>();
+    scalar_t* op = grad.mutable_data_ptr<scalar_t>();
+    if (launch.warp_per_row) {
+      softmax_entropy_bwd_kernel<scalar_t, opmath_t, true>
+          <<<launch.blocks, launch.threads, 0, stream>>>(gp, xp, sp, op, rows, C, static_cast<opmath_t>(eps));
+    } else {
+      softmax_entropy_bwd_kernel<scalar_t, opmath_t, false>
+          <<<launch.blocks, launch.threads, 0, stream>>>(gp, xp, sp, op, rows, C, static_cast<opmath_t>(eps));
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;
