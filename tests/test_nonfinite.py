@@ -208,3 +208,27 @@ def test_fccl_skip_client_undoes_that_local_update(tmp_path, monkeypatch):
     before, after = nets[(0, 1)]
     assert not all(torch.equal(before[k], after[k]) for k in before)         # the other one trained
     assert result.records[1]["mean_intra_top1"] == result.records[1]["mean_intra_top1"]
+
+
+def test_a_recorded_device_input_error_stops_the_round_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """CUDA kernels record invalid inputs on the device (fcl_ext.check_device_errors); the runner reads them
+    once per round and stops like a non-finite loss: nothing of that round is saved. Simulated here (no GPU)
+    by a recorded error that the runner's check raises at round 2."""
+    from fcl_ext.device_errors import DeviceInputError
+    import python_api.engine.runner as runner
+    out = tmp_path / "run"
+    run_training("glfc", tiny_config("run.max_rounds=2"), out_dir=out, verbose=False)
+    ckpt = out / "checkpoints" / "last.pt"
+    good = _sha(ckpt)
+    checks = []
+
+    def recorded_error_at_round_2():
+        checks.append(len(checks))
+        if len(checks) == 1:  # the first round of the resumed run is round 2
+            raise DeviceInputError("glfc_loss on cuda:0: labels[3] = 12 is outside [0, 10)", {"code": 1})
+    monkeypatch.setattr(runner, "check_device_errors", recorded_error_at_round_2)
+    with pytest.raises(DeviceInputError):
+        run_training("glfc", tiny_config(), out_dir=out, resume=True, verbose=False)
+    assert checks == [0] and _sha(ckpt) == good and load_checkpoint(ckpt)["round"] == 1
+    stopped = json.loads((out / "metrics.json").read_text())["summary"]["stopped"]
+    assert stopped.startswith("round 2: ") and "labels[3] = 12" in stopped

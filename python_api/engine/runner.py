@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from fcl_ext.device_errors import DeviceInputError, check_device_errors
 from python_api.checkpoint import (capture_rng_state, keep_round_checkpoints, load_checkpoint, restore_rng_state,
                                    save_checkpoint, seed_everything)
 from python_api.config import ConfigError, load_config, save_config, to_dict
@@ -118,8 +119,12 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
         t0 = time.perf_counter()
         try:
             record = method.run_round(r, transport)
-        except NonFiniteError as exc:   # nothing of this round is saved: the last good checkpoint stays
-            logger.write(summary={"completed": False, "rounds_done": len(logger.records), "stopped": str(exc)})
+            # CUDA kernels record invalid inputs (labels out of range, ...) on the device instead of
+            # syncing; one sync per round reads them, before anything of this round is saved.
+            check_device_errors()
+        except (NonFiniteError, DeviceInputError) as exc:   # nothing of this round is saved
+            stopped = str(exc) if isinstance(exc, NonFiniteError) else f"round {r}: {exc}"
+            logger.write(summary={"completed": False, "rounds_done": len(logger.records), "stopped": stopped})
             raise
         record.setdefault("round", r)
         record["round_time_s"] = time.perf_counter() - t0
