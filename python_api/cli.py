@@ -5,6 +5,7 @@
     fcl-ext compare glfc-demo lwf-demo --seeds 0 1 2 --out runs/cmp [--jobs 2]   methods x seeds -> one table
     fcl-ext compare-demo            GLFC + baselines x 2 seeds on the bundled digits
     fcl-ext make-data synthetic --like cifar100 --out DIR [--scale 0.01]   same-size synthetic set, real format
+    fcl-ext estimate glfc --config glfc-cifar100-t10 --data-root DIR   phase table + projected wall time, memory
     fcl-ext presets                 list the shipped YAML presets
     fcl-ext show-config glfc --config glfc-cifar100-t10 client.local_epochs=5   print the resolved config
     fcl-ext info                    fcl_ext build information
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--engine", default="inprocess", help="execution engine (default inprocess)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (run.progress=false)")
+
+    est = sub.add_parser("estimate", help="time the phases of the first rounds, project the full run's cost")
+    add_config_args(est)
+    est.add_argument("--rounds", type=int, default=1, help="rounds to measure (default 1)")
+    est.add_argument("--sample-clients", type=int, default=2,
+                     help="clients actually run per train/refresh send, scaled to all (0 = all; default 2)")
+    est.add_argument("--out", "-o", default=None, help="run directory of the measured rounds (default: a temp dir)")
 
     show = sub.add_parser("show-config", help="print the resolved config as YAML")
     add_config_args(show)
@@ -141,6 +149,12 @@ def main(argv=None) -> int:
             return _train(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "estimate":
+            from python_api.profiling import estimate
+            args.no_progress = True
+            spec, cfg = resolve_config(args)
+            estimate(spec.name, cfg, rounds=args.rounds, sample_clients=args.sample_clients, out_dir=args.out)
+            return 0
         if args.command == "compare-demo":
             from python_api.compare import compare_demo
             return compare_demo(args.out, args.jobs)

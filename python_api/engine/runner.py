@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from python_api import profiling
 from python_api.checkpoint import (capture_rng_state, keep_round_checkpoints, load_checkpoint, restore_rng_state,
                                    save_checkpoint, seed_everything)
 from python_api.config import ConfigError, load_config, save_config, to_dict
@@ -114,6 +115,7 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
         from tqdm.auto import tqdm
         bar = tqdm(bar, desc=f"{method_name} rounds", initial=start_round, total=method.num_rounds,
                    unit="round", dynamic_ncols=True)
+    profiling.pop_round()   # phase times of the setup do not belong to round 0
     for r in bar:
         t0 = time.perf_counter()
         try:
@@ -123,6 +125,12 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
             raise
         record.setdefault("round", r)
         record["round_time_s"] = time.perf_counter() - t0
+        phases = profiling.pop_round()
+        if phases:   # the non-overlapping phases, and the rest of the round as "other"
+            top = sum(v for k, v in phases.items() if k in profiling.TOP_LEVEL)
+            phases["other"] = round(max(record["round_time_s"] - top, 0.0), 4)
+            record["phase_times_s"] = phases
+            record["runtime_peak_rss_mb"] = round(profiling.peak_rss_mb(), 1)
         logger.append(record)
         if cfg.run.progress and hasattr(method, "round_postfix"):
             bar.set_postfix(method.round_postfix(record))
@@ -139,6 +147,7 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
     summary = method.summary(logger.records)
     summary["completed"] = completed
     summary["rounds_done"] = len(logger.records)
+    summary["rounds_total"] = method.num_rounds
     logger.write(summary=summary)
     try:
         method.write_plots(run_dir / "plots", logger.records, summary)
