@@ -143,6 +143,9 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
             keep_round_checkpoints(ckpt_path, r, cfg.run.keep_checkpoints)
         logger.write(summary=method.summary(logger.records) if not last else None)
 
+    close = getattr(transport, "close", None)   # e.g. the in-process engine's worker processes
+    if close is not None:
+        close()
     completed = end_round == method.num_rounds
     summary = method.summary(logger.records)
     summary["completed"] = completed
