@@ -59,3 +59,17 @@ def test_clients_live_in_the_workers_and_close_stops_them(tmp_path):
     assert sorted(state) == [0, 1, 2, 3]
     engine.close()
     assert engine._pool is None and not any(p.is_alive() for p in procs)
+
+
+@pytest.mark.slow   # ~4 min here (Ray start-up)
+def test_flower_simulation_uses_the_same_streams(tmp_path):
+    """run.client_rng=streams on 2 simulated Flower nodes: the records of the in-process run with 2 workers."""
+    pytest.importorskip("flwr", reason="Flower is not installed")
+    from tests.test_flower_engine import _close
+    cfg = ("run.client_rng=streams", "run.max_rounds=3")
+    a = run_training("glfc", tiny_config(*cfg, "run.workers=2"), out_dir=tmp_path / "inprocess", verbose=False)
+    from python_api.engine.flower import run_with_flower
+    b = run_with_flower("glfc", tiny_config(*cfg), out_dir=tmp_path / "sim", engine="flower-sim", verbose=False,
+                        num_supernodes=2)
+    assert len(b.records) == len(a.records) == 3
+    _close(a.records, b.records)
