@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         if args.command == "compare":
             return _compare(args)
         if args.command == "estimate":
-            from python_api.profiling import estimate
+            from python_api.estimate import estimate
             args.no_progress = True
             spec, cfg = resolve_config(args)
             estimate(spec.name, cfg, rounds=args.rounds, sample_clients=args.sample_clients, out_dir=args.out)

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from python_api import profiling
+from python_api.estimate import estimate
 from python_api.cli import main
 from python_api.engine.runner import run_training
 
@@ -49,7 +50,7 @@ def test_estimate_scales_sampled_clients_and_epochs(tmp_path, capsys):
     assert "phase (per round)" in out and "projected full run: 4 rounds" in out
     rounds = json.loads((tmp_path / "est" / "metrics.json").read_text())["rounds"]
     assert len(rounds) == 1 and len(rounds[0]["selected"]) == 2
-    report = profiling.estimate("glfc", tiny_config("client.local_epochs=3"), rounds=1, sample_clients=1,
+    report = estimate("glfc", tiny_config("client.local_epochs=3"), rounds=1, sample_clients=1,
                                 out_dir=tmp_path / "est2", echo=lambda *_: None)
     assert report["messages"] == {"train": [2, 1], "refresh": [2, 1]}
     m, p = report["phase_times_s"], report["projected_round_s"]
