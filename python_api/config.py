@@ -52,6 +52,8 @@ class RunConfig:
     checkpoint_every: int = 1          # rounds between checkpoints (the last round is always saved)
     keep_checkpoints: int = 1          # round checkpoints kept on disk besides `last.pt`
     max_rounds: Optional[int] = None   # stop after this many rounds (a partial run; resume continues)
+    keep_freed_memory: bool = True     # glibc: large blocks from the heap, freed memory kept mapped (no page-fault
+                                       # storm; results unchanged, peak memory higher; profiling.keep_freed_memory)
     workers: int = 1                   # in-process engine: a send's clients in this many worker processes
     client_rng: str = "sequential"     # sequential (the global RNG runs through the clients in order, as the
                                        # reference) | streams (each client's randomness from a stream derived

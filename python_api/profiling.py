@@ -85,3 +85,27 @@ def format_table(rows: list, header: tuple) -> str:
 
 # the phases that do not overlap (the others are parts of them); their sum is the round's cost
 TOP_LEVEL = ("local_training", "refresh", "proxy_reconstruction", "aggregation", "evaluation", "other")
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Serve large blocks from the heap and keep freed memory mapped (glibc only; returns whether it applied).
+
+    glibc hands every block over its mmap threshold (at most 32 MiB) to a fresh mmap and unmaps it on free,
+    so each training step's activations (a ResNet-18 batch of 128 at 32x32 holds 33.5 MiB tensors) are
+    mapped and page-faulted anew: 576k minor faults per step, 5.1 s of kernel time against 16.6 s of
+    user time over 3 steps (docs/performance.md). Taking them from the heap and not trimming it makes the memory reused:
+    27k faults, 0.2 s; the peak resident memory grows (1.66 -> 1.96 GB there). Values are unchanged."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False

@@ -88,6 +88,8 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
 
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    if getattr(cfg.run, "keep_freed_memory", False):   # before the data and models are allocated
+        profiling.keep_freed_memory()
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     method = spec.build(cfg, run_dir, device)
