@@ -4,6 +4,8 @@
     fcl-ext train fccl --config fccl-demo --data-root ~/data
     fcl-ext compare glfc-demo lwf-demo --seeds 0 1 2 --out runs/cmp [--jobs 2]   methods x seeds -> one table
     fcl-ext compare-demo            GLFC + baselines x 2 seeds on the bundled digits
+    fcl-ext make-data synthetic --like cifar100 --out DIR [--scale 0.01]   same-size synthetic set, real format
+    fcl-ext estimate glfc --config glfc-cifar100-t10 --data-root DIR   phase table + projected wall time, memory
     fcl-ext presets                 list the shipped YAML presets
     fcl-ext show-config glfc --config glfc-cifar100-t10 client.local_epochs=5   print the resolved config
     fcl-ext info                    fcl_ext build information
@@ -43,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--engine", default="inprocess", help="execution engine (default inprocess)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (run.progress=false)")
 
+    est = sub.add_parser("estimate", help="time the phases of the first rounds, project the full run's cost")
+    add_config_args(est)
+    est.add_argument("--rounds", type=int, default=1, help="rounds to measure (default 1)")
+    est.add_argument("--sample-clients", type=int, default=2,
+                     help="clients actually run per train/refresh send, scaled to all (0 = all; default 2)")
+    est.add_argument("--out", "-o", default=None, help="run directory of the measured rounds (default: a temp dir)")
+
     show = sub.add_parser("show-config", help="print the resolved config as YAML")
     add_config_args(show)
 
@@ -57,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("compare-demo", help="GLFC + baselines x 2 seeds on the bundled digits, then the table")
     demo.add_argument("--out", "-o", default="runs/compare-demo")
     demo.add_argument("--jobs", "-j", type=int, default=2)
+
+    make_data = sub.add_parser("make-data", help="write a synthetic dataset in a real on-disk format")
+    make_data.add_argument("kind", choices=["synthetic"], help="what to make (synthetic: python_api/data/synthetic.py)")
+    make_data.add_argument("--like", required=True,
+                           help="cifar100 | tiny-imagenet | mini-imagenet | digits | mnist | usps | svhn | syn | "
+                                "office-home | fashion-mnist")
+    make_data.add_argument("--out", "-o", required=True, help="data root to write into (use as --data-root)")
+    make_data.add_argument("--scale", type=float, default=1.0,
+                           help="fraction of the real image counts (default 1: the real counts)")
+    make_data.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("presets", help="list the YAML presets shipped with the package")
     sub.add_parser("info", help="fcl_ext build information")
@@ -130,6 +149,12 @@ def main(argv=None) -> int:
             return _train(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "estimate":
+            from python_api.estimate import estimate
+            args.no_progress = True
+            spec, cfg = resolve_config(args)
+            estimate(spec.name, cfg, rounds=args.rounds, sample_clients=args.sample_clients, out_dir=args.out)
+            return 0
         if args.command == "compare-demo":
             from python_api.compare import compare_demo
             return compare_demo(args.out, args.jobs)
@@ -139,6 +164,15 @@ def main(argv=None) -> int:
             report = getattr(spec.config_cls, "switch_report", None)   # e.g. GLFC: reference value of every switch
             if report is not None:
                 print(report(cfg))
+            return 0
+        if args.command == "make-data":
+            from python_api.data.synthetic import make_synthetic
+            try:
+                counts = make_synthetic(args.like, args.out, scale=args.scale, seed=args.seed)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            for split, count in counts.items():
+                print(f"  {split}: {count} images")
             return 0
         if args.command == "presets":
             for name in list_presets():

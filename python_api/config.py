@@ -52,6 +52,12 @@ class RunConfig:
     checkpoint_every: int = 1          # rounds between checkpoints (the last round is always saved)
     keep_checkpoints: int = 1          # round checkpoints kept on disk besides `last.pt`
     max_rounds: Optional[int] = None   # stop after this many rounds (a partial run; resume continues)
+    keep_freed_memory: bool = True     # glibc: large blocks from the heap, freed memory kept mapped (no page-fault
+                                       # storm; results unchanged, peak memory higher; profiling.keep_freed_memory)
+    workers: int = 1                   # in-process engine: a send's clients in this many worker processes
+    client_rng: str = "sequential"     # sequential (the global RNG runs through the clients in order, as the
+                                       # reference) | streams (each client's randomness from a stream derived
+                                       # from (seed, round, client, message kind); needed by workers > 1)
     on_nonfinite: str = "stop"         # a non-finite loss or update: stop (naming round, client, term; the last
                                        # good checkpoint stays) | skip_client (leave that update out, logged)
 
@@ -321,6 +327,13 @@ def load_config(cls, source=None, overrides: Sequence[str] = ()):
         data = prepare(data)
     cfg = from_dict(cls, data)
     run = getattr(cfg, "run", None)
+    if run is not None and getattr(run, "client_rng", "sequential") not in ("sequential", "streams"):
+        raise ConfigError(f"run.client_rng: expected sequential or streams, got {run.client_rng!r}")
+    if run is not None and getattr(run, "workers", 1) < 1:
+        raise ConfigError(f"run.workers: must be >= 1, got {run.workers}")
+    if run is not None and getattr(run, "workers", 1) > 1 and run.client_rng != "streams":
+        raise ConfigError("run.workers > 1 needs run.client_rng=streams (with the sequential RNG a client's "
+                          "randomness depends on the clients before it, so they cannot run in parallel)")
     if run is not None and run.on_nonfinite not in ("stop", "skip_client"):
         raise ConfigError(f"run.on_nonfinite: expected stop or skip_client, got {run.on_nonfinite!r}")
     validate = getattr(cfg, "validate", None)

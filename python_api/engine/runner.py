@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from fcl_ext.device_errors import DeviceInputError, check_device_errors
+from python_api import profiling
 from python_api.checkpoint import (capture_rng_state, keep_round_checkpoints, load_checkpoint, restore_rng_state,
                                    save_checkpoint, seed_everything)
 from python_api.config import ConfigError, load_config, save_config, to_dict
@@ -88,6 +89,8 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
 
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    if getattr(cfg.run, "keep_freed_memory", False):   # before the data and models are allocated
+        profiling.keep_freed_memory()
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     method = spec.build(cfg, run_dir, device)
@@ -115,6 +118,7 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
         from tqdm.auto import tqdm
         bar = tqdm(bar, desc=f"{method_name} rounds", initial=start_round, total=method.num_rounds,
                    unit="round", dynamic_ncols=True)
+    profiling.pop_round()   # phase times of the setup do not belong to round 0
     for r in bar:
         t0 = time.perf_counter()
         try:
@@ -128,6 +132,12 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
             raise
         record.setdefault("round", r)
         record["round_time_s"] = time.perf_counter() - t0
+        phases = profiling.pop_round()
+        if phases:   # the non-overlapping phases, and the rest of the round as "other"
+            top = sum(v for k, v in phases.items() if k in profiling.TOP_LEVEL)
+            phases["other"] = round(max(record["round_time_s"] - top, 0.0), 4)
+            record["phase_times_s"] = phases
+            record["runtime_peak_rss_mb"] = round(profiling.peak_rss_mb(), 1)
         logger.append(record)
         if cfg.run.progress and hasattr(method, "round_postfix"):
             bar.set_postfix(method.round_postfix(record))
@@ -140,10 +150,14 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
             keep_round_checkpoints(ckpt_path, r, cfg.run.keep_checkpoints)
         logger.write(summary=method.summary(logger.records) if not last else None)
 
+    close = getattr(transport, "close", None)   # e.g. the in-process engine's worker processes
+    if close is not None:
+        close()
     completed = end_round == method.num_rounds
     summary = method.summary(logger.records)
     summary["completed"] = completed
     summary["rounds_done"] = len(logger.records)
+    summary["rounds_total"] = method.num_rounds
     logger.write(summary=summary)
     try:
         method.write_plots(run_dir / "plots", logger.records, summary)

@@ -155,7 +155,7 @@ class FlowerTransport:
         for m in messages:
             if m.dst not in self.known_cids:
                 self.known_cids.append(m.dst)
-        if self.options.rng == "independent":
+        if self.options.rng == "independent" or self._streams():
             return self._send_parallel(messages)
         iterator = messages
         if self.progress and len(messages) > 1:
@@ -176,9 +176,16 @@ class FlowerTransport:
             replies.append(reply)
         return replies
 
+    def _streams(self) -> bool:
+        return getattr(getattr(self.cfg, "run", None), "client_rng", "sequential") == "streams"
+
     def _send_parallel(self, messages: Sequence[EngineMessage]) -> list:
-        # One seed per request from this process's stream: reproducible, independent per client.
-        seeds = torch.randint(0, 2**62, (len(messages),)).tolist()
+        if self._streams():   # run.client_rng=streams: the in-process engine's (seed, round, client, kind) seeds
+            from python_api.engine.inprocess import stream_seed
+            seeds = [stream_seed(self.cfg.run.seed, m.payload.get("round") if isinstance(m.payload, dict) else None,
+                                 m.dst, m.kind) % 2**32 for m in messages]
+        else:   # one seed per request from this process's stream: reproducible, independent per client
+            seeds = torch.randint(0, 2**62, (len(messages),)).tolist()
         requests = [self._request(m, seed=s) for m, s in zip(messages, seeds)]
         ids = list(self.grid.push_messages([r for r, _ in requests]))
         deadline = None if self.options.reply_timeout_s is None else time.monotonic() + self.options.reply_timeout_s

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from python_api.data import iterate_batches
-from python_api.engine.base import Message
+from python_api.messages import Message
 from python_api.methods import MethodSpec, register_method
 from python_api.methods.fcil import FCILClient, FCILConfig, FCILServer
 

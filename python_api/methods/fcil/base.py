@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from python_api.config import ConfigError
 from python_api.data import iterate_batches
 from python_api.data.dirichlet import dirichlet_task_partition
-from python_api.engine.base import Message
+from python_api.messages import Message
 from python_api.methods.glfc.client import GLFCClient, herding_selection, lr_for_epoch
 from python_api.methods.glfc.config import GLFCConfig, ProxyConfig
 from python_api.methods.glfc.server import GLFCServer, fedavg

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from python_api.data.domains import augment_public
-from python_api.engine.base import Message
+from python_api.messages import Message
 from python_api.methods import MethodSpec, register_method
 from python_api.methods.fccl import FCCLConfig, FCCLParticipant, FCCLServer
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from python_api.engine.base import Message
+from python_api.messages import Message
 from python_api.methods import MethodSpec, register_method
 from python_api.methods.fccl import FCCLConfig, FCCLParticipant, FCCLServer
 from python_api.methods.fccl.participant import build_backbone

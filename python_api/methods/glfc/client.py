@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import fcl_ext
 from python_api.data import iterate_batches
+from python_api import profiling
 from python_api.messages import Message
 from python_api.methods.glfc import privacy
 
@@ -116,6 +117,11 @@ class GLFCClient:
 
     # ---- protocol --------------------------------------------------------------------
     def handle(self, message: Message) -> Message:
+        kind = "refresh" if message.kind == "refresh" else "local_training"
+        with profiling.phase(kind, f"client {self.cid} round {message.payload.get('round')}"):
+            return self._handle(message)
+
+    def _handle(self, message: Message) -> Message:
         p = message.payload
         model = self.ctx.load_working_model(p["global_state"], p["num_classes"])
         self.before_train(p["task"], p["group"])
@@ -135,7 +141,8 @@ class GLFCClient:
         if self.nonfinite is not None:   # issue 17: the server stops the run or leaves this update out
             reply["nonfinite"] = self.nonfinite
         elif self.signal and self.ctx.cfg.proxy.enabled:
-            reply.update(self.prototype_gradients(model, p["num_classes"]))
+            with profiling.phase("prototype_encoding"):
+                reply.update(self.prototype_gradients(model, p["num_classes"]))
         reply["state"] = self.ctx.clone_state(model) if state is None else state
         return Message("update", reply)
 
@@ -171,7 +178,8 @@ class GLFCClient:
         return total / max(count, 1)
 
     def update_new_set(self, model) -> None:
-        h = self.mean_entropy(model)
+        with profiling.phase("entropy"):
+            h = self.mean_entropy(model)
         self.signal = (h - self.last_entropy) > self.ctx.cfg.client.entropy_threshold
         self.last_entropy = h
         new_classes = self.last_class
@@ -184,10 +192,11 @@ class GLFCClient:
             self.exemplar_sets = [e[:m] for e in self.exemplar_sets]
             # The reference's entropy pass ends with model.train() (GLFC.py:185), so its herding
             # features use BN batch statistics; herding_train_mode=false is the eval-mode fix.
-            for c in new_classes:
-                idx = self.ctx.class_indices[c]
-                feats = self.class_features(model, idx, train_mode=self.ctx.cfg.client.herding_train_mode)
-                self.exemplar_sets.append(idx[herding_selection(feats, m).to(idx.device)])
+            with profiling.phase("herding"):
+                for c in new_classes:
+                    idx = self.ctx.class_indices[c]
+                    feats = self.class_features(model, idx, train_mode=self.ctx.cfg.client.herding_train_mode)
+                    self.exemplar_sets.append(idx[herding_selection(feats, m).to(idx.device)])
         model.train()
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from python_api.config import ConfigError
 from python_api.data import ClassIncrementalStream, DeviceAugment, iterate_batches, load_dataset
+from python_api import profiling
 from python_api.messages import Message
 from python_api.metrics import (average_incremental_accuracy, backward_transfer, forgetting, pycil_line,
                                 top1_accuracy)
@@ -226,7 +227,8 @@ class GLFCServer:
             "prototype gradients": rep.payload.get("proto_grads")})]
         weights = [rep.payload["num_samples"] for rep in replies] if f.aggregation == "weighted" else None
         if replies:   # every update left out: the global model stays as it was
-            self.model.load_state_dict(fedavg([rep.payload["state"] for rep in replies], weights))
+            with profiling.phase("aggregation"):
+                self.model.load_state_dict(fedavg([rep.payload["state"] for rep in replies], weights))
         grads = [rep.payload["proto_grads"] for rep in replies if rep.payload.get("proto_grads") is not None]
         pool = torch.cat(grads) if grads else None
         audit = None
@@ -237,9 +239,10 @@ class GLFCServer:
                      "originals": torch.cat([p["audit_originals"] for p in parts]),
                      "labels": torch.cat([p["audit_labels"] for p in parts])}
         new_state = {k: v.detach() for k, v in self.model.state_dict().items()}
-        proxy_info = self.proxy.process(new_state, num_classes, pool, audit) if self.cfg.proxy.enabled else {}
-
-        acc = self.evaluate(task)
+        with profiling.phase("proxy_reconstruction"):
+            proxy_info = self.proxy.process(new_state, num_classes, pool, audit) if self.cfg.proxy.enabled else {}
+        with profiling.phase("evaluation"):
+            acc = self.evaluate(task)
         fired_selected = sum(bool(rep.payload["signal"]) for rep in answered)
         fired_other = sum(bool(rep.payload["signal"]) for rep in refreshed)
         old_ids = [rep.payload.get("old_model_id") for rep in answered]

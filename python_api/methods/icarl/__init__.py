@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from python_api.engine.base import Message
+from python_api.messages import Message
 from python_api.metrics import average_incremental_accuracy, forgetting
 from python_api.methods import MethodSpec, register_method
 from python_api.methods.fcil import FCILClient, FCILConfig, FCILServer
