@@ -116,7 +116,7 @@ class FCILClient(GLFCClient):
             if len(idx) == 0 or m == 0:
                 self.exemplar_sets.append(idx[:0])
                 continue
-            feats = self.ctx.features(teacher_model, idx, train_mode=False)
+            feats = self.class_features(teacher_model, idx, train_mode=False)
             self.exemplar_sets.append(idx[herding_selection(feats, min(m, len(idx))).to(idx.device)])
 
     # ---- protocol ------------------------------------------------------------------------

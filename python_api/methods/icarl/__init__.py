@@ -81,7 +81,7 @@ class ICaRLClient(FCILClient):
         for c, idx in held:
             if len(idx) == 0 or c >= num_classes:
                 continue
-            feats = F.normalize(ctx.features(model, idx, train_mode=False).double(), dim=1)
+            feats = F.normalize(self.class_features(model, idx, train_mode=False).double(), dim=1)
             sums[c] += feats.sum(0)
             counts[c] += len(idx)
         return Message("class_sums", {"sums": sums, "counts": counts})
