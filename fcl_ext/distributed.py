@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from fcl_ext._checks import check_floating, check_nonneg, check_same_device
+from fcl_ext._checks import check_nonneg
 
 __all__ = ["BATCH_STATS", "is_distributed", "all_reduce_sum", "cross_correlation_matrix",
            "cross_correlation_loss", "loss_from_matrix"]
@@ -66,16 +66,8 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def _check_inputs(a, b, eps, batch_stats):
-    check_floating(a, "a")
-    check_floating(b, "b")
-    for x, name in ((a, "a"), (b, "b")):
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, features], got shape {tuple(x.shape)}")
-    check_same_device(a, "a", b, "b")
-    if a.dtype != b.dtype:
-        raise ValueError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"a and b must have the same batch size, got {a.shape[0]} and {b.shape[0]}")
+    from fcl_ext.ops import _check_pair   # ops imports this module lazily: no circle at import time
+    _check_pair(a, b, min_batch=0)
     check_nonneg(eps, "eps")
     if batch_stats not in BATCH_STATS:
         raise ValueError(f"batch_stats must be one of {BATCH_STATS}, got {batch_stats!r}")

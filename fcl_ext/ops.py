@@ -165,7 +165,9 @@ def glfc_loss(logits: torch.Tensor, labels: torch.Tensor, old_class_mask, old_lo
 
 # ---- fccl losses (issue 4) ------------------------------------------------------
 
-def _check_pair(a, b) -> None:
+def _check_pair(a, b, min_batch: int = 2) -> None:
+    """a, b: floating [B, K] on one device with one dtype and batch; B >= min_batch (a rank's shard of a
+    distributed batch may hold fewer than 2 rows: min_batch=0)."""
     check_floating(a, "a")
     check_floating(b, "b")
     for x, name in ((a, "a"), (b, "b")):
@@ -176,7 +178,7 @@ def _check_pair(a, b) -> None:
         raise ValueError(f"b must have the dtype of a ({a.dtype}), got {b.dtype}")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"a and b must have the same batch size, got {a.shape[0]} and {b.shape[0]}")
-    if a.shape[0] < 2:
+    if a.shape[0] < min_batch:
         raise ValueError(f"a must have a batch of at least 2 rows to standardise its columns, got shape "
                          f"{tuple(a.shape)}")
 
