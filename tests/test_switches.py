@@ -48,8 +48,9 @@ def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
     "client.perturb_weight_decay=0.5",         # weight decay on the pixels
 ])
 def test_prototype_switches_change_the_uploaded_gradients(tmp_path, override):
-    _, _, _, base = _round0(tmp_path / "a")
-    _, _, _, changed = _round0(tmp_path / "b", override)
+    # bn_stats_after_upload=false (the corrected value) keeps the prototype pass out of the uploaded state
+    _, _, _, base = _round0(tmp_path / "a", "client.bn_stats_after_upload=false")
+    _, _, _, changed = _round0(tmp_path / "b", "client.bn_stats_after_upload=false", override)
     assert set(base) == set(changed) and base
     for cid in base:
         a, b = base[cid]["proto_grads"], changed[cid]["proto_grads"]
@@ -83,8 +84,8 @@ def test_prototype_train_mode_moves_the_bn_running_statistics_only_in_train_mode
 def test_bn_stats_after_upload_uploads_the_statistics_the_prototype_pass_left(tmp_path):
     """§4.2-8: with the switch on, the uploaded BN running statistics are those after the prototype pass
     (train mode); the parameters are the same either way."""
-    _, _, _, base = _round0(tmp_path / "a")
-    _, _, _, quirk = _round0(tmp_path / "b", "client.bn_stats_after_upload=true")
+    _, _, _, base = _round0(tmp_path / "a", "client.bn_stats_after_upload=false")
+    _, _, _, quirk = _round0(tmp_path / "b", "client.bn_stats_after_upload=true")   # the reference value
     for cid in base:
         a, b = base[cid]["state"], quirk[cid]["state"]
         params = [k for k in a if "running" not in k and "num_batches" not in k]
@@ -177,11 +178,12 @@ def test_accuracy_integer_truncation_truncates_every_accuracy(tmp_path, monkeypa
 def test_encoder_switches_change_the_gradient_encoder(tmp_path):
     def encoder(*overrides):
         return GLFCServer(tiny_config(*overrides), tmp_path, CPU).ctx.encoder
-    base = encoder()
-    wider = encoder("proxy.encoder_num_classes=10")
+    base = encoder()                                    # the reference: 100 outputs whatever the dataset
+    narrow = encoder("proxy.encoder_num_classes=10")
     other = encoder("proxy.encoder_seed=1")
     size = lambda m: sum(p.numel() for p in m.parameters())
-    assert size(wider) > size(base) == size(other)
+    assert base.fc.out_features == 100 and narrow.fc.out_features == 10
+    assert size(narrow) < size(base) == size(other)
     assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), other.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(base.parameters(), encoder().parameters()))   # rebuilt alike
 
