@@ -29,7 +29,9 @@ def isolate_library_rng() -> None:
     import random
     import sys
     private = random.Random(0x5EED)
-    for name, module in list(sys.modules.items()):
+    # dict.copy() is one C call under the GIL; iterating sys.modules itself races with imports in
+    # Flower's and Ray's threads ("dictionary changed size during iteration")
+    for name, module in sys.modules.copy().items():
         if name.split(".")[0] in ("flwr", "ray", "grpc") and getattr(module, "random", None) is random:
             module.random = private
 
