@@ -295,23 +295,7 @@ class FCILServer(GLFCServer):
         return {"task": record["task"], "acc": f"{record['accuracy']:.1f}"}
 
     def write_plots(self, plot_dir, records: list, summary: dict) -> list:
-        from pathlib import Path
-
-        from python_api import report
-        plot_dir = Path(plot_dir)
-        out = [report.plot_accuracy_curve(plot_dir / "accuracy_vs_classes.png", summary["classes_seen"],
-                                          summary["task_end_accuracy"], label=self.label)]
-        rounds = [r["round"] for r in records]
-        curves = {"all seen": (rounds, [r["accuracy"] for r in records])}
-        old = [(r["round"], r["old_accuracy"]) for r in records if r.get("old_accuracy") is not None]
-        if old:
-            curves["old classes"] = ([a for a, _ in old], [b for _, b in old])
-        curves["new classes"] = (rounds, [r["new_accuracy"] for r in records])
-        out.append(report.plot_curves(plot_dir / "accuracy_per_round.png", curves, "global round",
-                                      "top-1 accuracy (%)", f"{self.label} accuracy per round"))
-        out.append(report.plot_matrix(plot_dir / "accuracy_matrix.png", summary["accuracy_matrix"],
-                                      "accuracy after task t on task j (%)", "task j", "after task t", 0, 100))
-        return out
+        return self.accuracy_plots(plot_dir, records, summary)   # no proxy, so no reconstruction grid
 
     # ---- evaluation with another predictor (NME, bias-corrected) ------------------------------
     @torch.no_grad()

@@ -152,6 +152,8 @@ class GLFCContext:
 
 
 class GLFCServer:
+    label = "GLFC"   # names the method in plots and reports (the FCIL baselines override it)
+
     def __init__(self, cfg, run_dir, device):
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
         train, test = load_dataset(cfg.data)
@@ -349,11 +351,12 @@ class GLFCServer:
     def round_postfix(self, record: dict) -> dict:
         return {"task": record["task"], "acc": f"{record['accuracy']:.1f}", "sig": record["signals_total"]}
 
-    def write_plots(self, plot_dir, records: list, summary: dict) -> list:
+    def accuracy_plots(self, plot_dir, records: list, summary: dict) -> list:
+        """Accuracy vs classes, per round (all / old / new classes) and the task matrix, named by self.label."""
         from python_api import report
         plot_dir = Path(plot_dir)
         out = [report.plot_accuracy_curve(plot_dir / "accuracy_vs_classes.png", summary["classes_seen"],
-                                          summary["task_end_accuracy"], label="GLFC")]
+                                          summary["task_end_accuracy"], label=self.label)]
         rounds = [r["round"] for r in records]
         curves = {"all seen": (rounds, [r["accuracy"] for r in records])}
         old = [(r["round"], r["old_accuracy"]) for r in records if r.get("old_accuracy") is not None]
@@ -361,9 +364,15 @@ class GLFCServer:
             curves["old classes"] = ([a for a, _ in old], [b for _, b in old])
         curves["new classes"] = (rounds, [r["new_accuracy"] for r in records])
         out.append(report.plot_curves(plot_dir / "accuracy_per_round.png", curves, "global round",
-                                      "top-1 accuracy (%)", "GLFC accuracy per round"))
+                                      "top-1 accuracy (%)", f"{self.label} accuracy per round"))
         out.append(report.plot_matrix(plot_dir / "accuracy_matrix.png", summary["accuracy_matrix"],
                                       "accuracy after task t on task j (%)", "task j", "after task t", 0, 100))
+        return out
+
+    def write_plots(self, plot_dir, records: list, summary: dict) -> list:
+        from python_api import report
+        plot_dir = Path(plot_dir)
+        out = self.accuracy_plots(plot_dir, records, summary)
         g = self.proxy.gallery
         if g is not None:
             k = min(len(g["images"]), self.cfg.metrics.prototype_grid_max)
