@@ -297,26 +297,4 @@ class FCILServer(GLFCServer):
     def write_plots(self, plot_dir, records: list, summary: dict) -> list:
         return self.accuracy_plots(plot_dir, records, summary)   # no proxy, so no reconstruction grid
 
-    # ---- evaluation with another predictor (NME, bias-corrected) ------------------------------
-    @torch.no_grad()
-    def evaluate_predictor(self, task: int, predict) -> dict:
-        """GLFCServer.evaluate's numbers for any `predict(x_normalised) -> labels`."""
-        from python_api.metrics import top1_accuracy
-        ts = self.stream.task_size
-        seen = (task + 1) * ts
-        idx = torch.nonzero(self.test.labels < seen).flatten()
-        correct = torch.zeros(seen, dtype=torch.long, device=self.device)
-        count = torch.zeros(seen, dtype=torch.long, device=self.device)
-        for b in iterate_batches(len(idx), self.cfg.client.eval_batch_size, False, self.device):
-            y = self.test.labels[idx[b]]
-            pred = predict(self.ctx.aug.test(self.test.images[idx[b]]))
-            correct += torch.bincount(y[pred == y], minlength=seen)
-            count += torch.bincount(y, minlength=seen)
-        c, n = correct.cpu(), count.cpu()
-        trunc = self.cfg.proxy.accuracy_integer_truncation
-
-        def acc(lo, hi):
-            return top1_accuracy(int(c[lo:hi].sum()), int(n[lo:hi].sum()), trunc)
-        return {"accuracy": acc(0, seen), "old_accuracy": acc(0, task * ts) if task > 0 else None,
-                "new_accuracy": acc(task * ts, seen),
-                "per_task_accuracy": [acc(j * ts, (j + 1) * ts) for j in range(task + 1)]}
+    # evaluation with another predictor (NME, bias-corrected): GLFCServer.evaluate_predictor

@@ -264,6 +264,15 @@ class GLFCServer:
     def evaluate(self, task: int) -> dict:
         """Global model, eval mode, test images of all seen classes, argmax over all current logits."""
         self.model.eval()
+        try:
+            return self.evaluate_predictor(task, lambda x: self.model(x).argmax(1))
+        finally:
+            self.model.train()
+
+    @torch.no_grad()
+    def evaluate_predictor(self, task: int, predict) -> dict:
+        """Accuracy on the test images of all seen classes (all, old, new, per task) of any
+        `predict(x_normalised) -> labels`: the global model's argmax, iCaRL's NME, BiC's corrected head."""
         ts = self.stream.task_size
         seen = (task + 1) * ts
         idx = torch.nonzero(self.test.labels < seen).flatten()
@@ -271,10 +280,9 @@ class GLFCServer:
         count_per_class = torch.zeros(seen, dtype=torch.long, device=self.device)
         for b in iterate_batches(len(idx), self.cfg.client.eval_batch_size, False, self.device):
             y = self.test.labels[idx[b]]
-            pred = self.model(self.ctx.aug.test(self.test.images[idx[b]])).argmax(1)
+            pred = predict(self.ctx.aug.test(self.test.images[idx[b]]))
             correct_per_class += torch.bincount(y[pred == y], minlength=seen)
             count_per_class += torch.bincount(y, minlength=seen)
-        self.model.train()
         trunc = self.cfg.proxy.accuracy_integer_truncation
         c, n = correct_per_class.cpu(), count_per_class.cpu()
 
