@@ -98,8 +98,16 @@ def glfc_loss(logits, labels, old_class_mask, old_logits=None, *, gc_weight=0.5,
     if old_logits is None:
         loss = gc
     else:
-        loss = gc_weight * gc + rd_weight * relation_distillation_bce(logits, labels, old_logits)
+        loss = _weighted(gc_weight, gc) + _weighted(rd_weight, relation_distillation_bce(logits, labels, old_logits))
     return (loss, w) if return_weights else loss
+
+
+def _weighted(weight, term):
+    """weight * term, where a zero weight leaves the term out, as the op does: a switched-off term adds 0, not
+    0 * inf = NaN (GC alone and RD alone are the losses above). Its gradient stays 0 * d term (NaN at a NaN logit)."""
+    if weight != 0:
+        return weight * term
+    return 0 * torch.where(torch.isfinite(term), term, torch.zeros_like(term))
 
 
 # ---- fccl losses (issue 4) ------------------------------------------------------

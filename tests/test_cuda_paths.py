@@ -214,6 +214,41 @@ def test_glfc_loss_bad_label_is_a_device_error_not_an_assert(c, bad):
     torch.testing.assert_close(fcl_ext.ops.glfc_loss(x, y, mask, q), ref.glfc_loss(x, y, mask, q), **tol(torch.float32))
 
 
+def _glfc_nonfinite_inputs(c, nan_logit):
+    """One row per non-finite case of issue 17 (the twin's semantics, tests/test_properties_glfc.py)."""
+    x, q = randn(8, c, scale=2, seed=3), randn(8, 2, seed=4)
+    y = torch.tensor([1, 1, 1, 1, 2, 2, 0, 0])
+    mask = torch.zeros(c, dtype=torch.bool)
+    mask[0] = True  # rows 6, 7 form the old group
+    inf = float("inf")
+    x[0, 0] = inf                    # off the label: +inf
+    x[1, 0] = -inf                   # off the label: NaN
+    x[2, 1] = inf                    # at the label: NaN
+    x[3, 1] = -inf                   # at the label: NaN
+    x[4, 0], q[4, 0] = inf, 20.0     # against a teacher: +inf (1 - sigmoid(20) > 0 in float64)
+    x[5, 0], q[5, 0] = inf, 40.0     # against a teacher: NaN (sigmoid(40) rounds to 1 in float64)
+    x[6, 0], x[6, 1] = 200.0, inf    # G = 0 in float32 but not in float64: w * inf stays +inf
+    q[7, 1] = float("nan")           # a NaN teacher logit: RD NaN, that entry's gradient NaN
+    if nan_logit:
+        x[1, 3] = float("nan")
+    return [x, y, mask, q]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("nan_logit", [False, True], ids=["inf", "inf-and-nan"])
+@pytest.mark.parametrize("c", [10, 300], ids=["warp-rows", "block-rows"])
+def test_glfc_loss_nonfinite_logits_like_twin(c, nan_logit, dtype):
+    inputs = _glfc_nonfinite_inputs(c, nan_logit)
+    for name, args in (("gradient_compensated_bce", lambda m, q: (m,)), ("relation_distillation_bce",
+                                                                         lambda m, q: (q,))):
+        out, _ = check_paths(lambda x, y, m, q: getattr(fcl_ext.ops, name)(x, y, *args(m, q), reduction="none"),
+                             lambda x, y, m, q: getattr(ref, name)(x, y, *args(m, q), reduction="none"),
+                             inputs, [0], dtype)
+        assert not torch.isfinite(out[:8 if name == "relation_distillation_bce" else 7]).any(), name
+    check_paths(lambda x, y, m, q: fcl_ext.ops.glfc_loss(x, y, m, q), lambda x, y, m, q: ref.glfc_loss(x, y, m, q),
+                inputs, [0], dtype)
+
+
 # ---- dual_distillation ---------------------------------------------------------------------------
 
 def _dual_inputs(n, c, seed=0):

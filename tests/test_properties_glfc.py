@@ -72,8 +72,6 @@ def test_nan_inputs_like_twin(inputs, dtype, bad, in_teacher):
     _check_non_finite(inputs, dtype, bad, in_teacher)
 
 
-@pytest.mark.xfail(strict=True, reason="finding (glfc CPU kernel): a +inf logit gives a NaN loss where the twin "
-                                       "gives +inf, e.g. glfc_loss([[inf, 0, 1]], [1], None)")
 @given(inputs=glfc_inputs(dtype=torch.float64, min_n=1), dtype=st.sampled_from([torch.float64, torch.float32]),
        bad=_non_finite(["nan", "inf", "-inf"]), in_teacher=st.booleans())
 def test_infinite_inputs_like_twin(inputs, dtype, bad, in_teacher):
@@ -139,3 +137,83 @@ def test_invalid_inputs_raise_naming_the_argument(case, weight, which):
 
 def test_direct_op_calls_never_crash():
     assert run_op_fuzz("glfc")["cases"] > 0
+
+
+# ---- regression examples of the finding above (issue 17): non-finite logits behave like the twin ----
+INF, NAN = float("inf"), float("nan")
+
+
+def _like_twin_at_nonfinite(name, x, labels, *args, expect, dtype=torch.float32, **kwargs):
+    """ops.<name> and the float64 twin on the same inputs: the loss is `expect` (inf or NaN) on both sides, or
+    "finite" and close,
+    and the gradients agree (NaN where the twin's is, finite values within float tolerance)."""
+    x, x64 = leaf(torch.tensor(x, dtype=dtype))
+    args64 = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    out = getattr(ops, name)(x, labels, *args, **kwargs)
+    exact = getattr(reference, name)(x64, labels, *args64, **kwargs)
+    if expect == "finite":
+        assert_like_twin(out, exact, dtype, what=name)
+    else:
+        for value, who in ((out, "op"), (exact, "twin")):
+            assert torch.isnan(value) if expect != expect else value.item() == expect, (who, value)
+    g, = torch.autograd.grad(out, x)
+    g64, = torch.autograd.grad(exact, x64)
+    assert_nan_like_twin(g, g64, what="grad")
+    finite = torch.isfinite(g64)
+    assert_like_twin(g[finite], g64[finite], dtype, what="grad")
+    return g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("row, label, expect", [
+    ([INF, 0.0, 1.0], 1, INF),    # the issue's example: +inf off the label (was NaN)
+    ([-INF, 0.0, 1.0], 1, NAN),   # -inf off the label: the twin's -inf + inf (was finite)
+    ([0.0, INF, 1.0], 1, NAN),    # +inf at the label: the twin's 0 * inf (was finite)
+    ([0.0, -INF, 1.0], 1, NAN),   # -inf at the label (was +inf)
+    ([NAN, 0.0, 1.0], 1, NAN),
+])
+def test_nonfinite_logit_without_teacher_like_twin(row, label, expect, dtype):
+    labels = torch.tensor([label, 0])
+    rows = [row, [0.5, -1.0, 2.0]]
+    for name in ("glfc_loss", "gradient_compensated_bce"):
+        _like_twin_at_nonfinite(name, rows, labels, torch.tensor([True, False, False]), expect=expect, dtype=dtype)
+
+
+@pytest.mark.parametrize("teacher, expect", [
+    (20.0, INF),   # 1 - sigmoid(20) > 0 in float64 (float32 rounds it to 0): the twin's +inf
+    (40.0, NAN),   # sigmoid(40) rounds to 1 in float64: the twin's 0 * inf
+    (-INF, INF),   # target 0
+    (INF, NAN),    # target 1
+    (NAN, NAN),
+])
+def test_inf_logit_against_teacher_like_twin(teacher, expect):
+    # +inf at old class 0 (not the label), whose RD target is sigmoid(teacher)
+    x, labels, q = [[INF, 0.0, 1.0]], torch.tensor([2]), torch.tensor([[teacher, 0.3]])
+    _like_twin_at_nonfinite("relation_distillation_bce", x, labels, q, expect=expect)
+    # GC sees +inf off the label (+inf): the sum is NaN where RD is
+    _like_twin_at_nonfinite("glfc_loss", x, labels, None, q, expect=expect)
+
+
+@pytest.mark.parametrize("teacher, grad_nan", [(INF, False), (-INF, False), (NAN, True)])
+def test_nonfinite_teacher_with_finite_logits_like_twin(teacher, grad_nan):
+    x, labels, q = [[0.5, -2.0, 1.0]], torch.tensor([2]), torch.tensor([[teacher, 0.3]])
+    g = _like_twin_at_nonfinite("glfc_loss", x, labels, None, q, expect=NAN if grad_nan else "finite")
+    # only the entry that the NaN teacher logit targets has a NaN gradient
+    assert torch.isnan(g).tolist() == [[grad_nan, False, False]]
+
+
+def test_a_switched_off_term_does_not_turn_inf_into_nan():
+    # +inf off the label in a new class: GC and RD rows are +inf; a zero weight leaves its term out
+    x, labels, q = [[0.1, INF, 1.0]], torch.tensor([0]), torch.tensor([[0.2]])
+    _like_twin_at_nonfinite("relation_distillation_bce", x, labels, q, expect=INF)
+    _like_twin_at_nonfinite("glfc_loss", x, labels, None, q, gc_weight=0.0, expect=INF)
+    _like_twin_at_nonfinite("glfc_loss", x, labels, None, q, rd_weight=0.0, expect=INF)
+
+
+@pytest.mark.parametrize("label_logit, expect", [(200.0, INF), (800.0, NAN)])
+def test_zero_float32_weight_times_inf_like_twin(label_logit, expect):
+    # w_0 = G_0 / mean G with G_0 = sigmoid(-o_y): 0 in float32 from o_y ~ 104, in float64 only from ~ 745;
+    # row 0 also holds +inf off its label, so its w * gc is 0 * inf = NaN only where the float64 weight is 0.
+    x = [[label_logit, INF, 0.0], [0.0, 0.3, -0.2]]
+    labels, mask = torch.tensor([0, 0]), torch.tensor([True, False, False])
+    _like_twin_at_nonfinite("gradient_compensated_bce", x, labels, mask, expect=expect)

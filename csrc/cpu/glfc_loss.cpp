@@ -39,6 +39,21 @@ struct RowSums {
   T g;   // G = 1 - sigmoid(o_y)
 };
 
+// One row of the forward, one element at a time with the twin's semantics at every logit (math.h): for
+// the rare rows that hold an infinite or NaN logit, where the SIMD formulas below would differ (softplus(-inf)
+// is 0 where the twin's BCE is NaN, inf - inf where it is inf).
+template <typename T>
+inline RowSums<T> glfc_row_forward_any(const T* x, const T* q, int64_t C, int64_t c_old, int64_t y) {
+  RowSums<T> r{0, 0, 0};
+  for (int64_t c = 0; c < C; ++c) {
+    const T gc = c == y ? math::bce_on_target(x[c]) : math::bce_off_target(x[c]);
+    r.gc += gc;
+    r.rd += c < c_old ? math::bce_teacher_target(x[c], q[c]) : gc;
+  }
+  r.g = math::sigmoid(-x[y]);
+  return r;
+}
+
 // One row of the forward. q may be null when c_old == 0. Tails use masked loads, so there
 // are no scalar remainder loops.
 template <typename T>
@@ -54,10 +69,12 @@ inline RowSums<T> glfc_row_forward(const T* x, const T* q, int64_t C, int64_t c_
     if (y >= i && y < i + kLanes) v = Vec::blendv(v, zero, lane == Vec(static_cast<T>(y - i)));
     return v;
   };
-  Vec gc_old(0), rd_old(0), both_new(0);
+  // probe = sum of o * 0: NaN iff the row holds an infinite or NaN logit (one multiply-add per vector).
+  Vec gc_old(0), rd_old(0), both_new(0), probe(0);
   for (int64_t i = 0; i < c_old; i += kLanes) {
     const int64_t count = std::min(kLanes, c_old - i);
     const Vec o = Vec::loadu(x + i, count), t = sigmoid(Vec::loadu(q + i, count));
+    probe = at::vec::fmadd(o, zero, probe);
     const Vec sp = softplus(o);
     gc_old = gc_old + without_target(sp, i, count);
     // The RD target of an old class is sigmoid(q) even at the label, so nothing is dropped here.
@@ -66,8 +83,11 @@ inline RowSums<T> glfc_row_forward(const T* x, const T* q, int64_t C, int64_t c_
   }
   for (int64_t i = c_old; i < C; i += kLanes) {
     const int64_t count = std::min(kLanes, C - i);
-    both_new = both_new + without_target(softplus(Vec::loadu(x + i, count)), i, count);
+    const Vec o = Vec::loadu(x + i, count);
+    probe = at::vec::fmadd(o, zero, probe);
+    both_new = both_new + without_target(softplus(o), i, count);
   }
+  if (cpu::vec_hsum(probe) != T(0)) return glfc_row_forward_any(x, q, C, c_old, y);
   const T o_y = x[y];
   const T target_bce = math::softplus(-o_y);  // BCE(o_y, 1)
   const T shared = cpu::vec_hsum(both_new);
@@ -167,7 +187,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> glfc_loss_cpu(const at::Tensor& l
       const opmath_t gc = sp[2 * r] * inv_c, rd = sp[2 * r + 1] * inv_c;
       sp[2 * r] = gc;
       sp[2 * r + 1] = rd;
-      lp[r] = static_cast<scalar_t>(gc_w * w * gc + rd_w * rd);
+      // (w == 0 only where G underflowed: the label's logit is read only then)
+      const opmath_t w_gc =
+          w == opmath_t(0) ? math::compensated_row(w, gc, static_cast<opmath_t>(xp[r * C + yp[r]])) : w * gc;
+      lp[r] = static_cast<scalar_t>(math::glfc_sample_loss(gc_w, w_gc, rd_w, rd));
     }
   });
   return {per_sample, weights, row_stats};

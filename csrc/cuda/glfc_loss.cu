@@ -57,18 +57,19 @@ __global__ void __launch_bounds__(1024) glfc_rows_fwd_kernel(const scalar_t* __r
   const scalar_t* qrow = c_old > 0 ? q + r * c_old : nullptr;
   // The target's own terms are added once, exactly, below: summing softplus(o_y) and then
   // subtracting o_y would cancel catastrophically when o_y is large.
+  // Each term as the twin computes it, also at an infinite or NaN logit (math.h).
   opmath_t gc = 0, rd = 0;
   for (int64_t c = map.tid; c < c_old; c += map.nthreads) {
     const opmath_t o = static_cast<opmath_t>(row[c]);
-    const opmath_t sp = math::softplus(o);
-    if (c != y) gc += sp;
-    rd += sp - o * math::sigmoid(static_cast<opmath_t>(qrow[c]));  // RD target of an old class: sigmoid(q)
+    if (c != y) gc += math::bce_off_target(o);
+    // RD target of an old class: sigmoid(q)
+    rd += math::bce_teacher_target(o, static_cast<opmath_t>(qrow[c]));
   }
   for (int64_t c = c_old + map.tid; c < C; c += map.nthreads) {
     if (c == y) continue;
-    const opmath_t sp = math::softplus(static_cast<opmath_t>(row[c]));
-    gc += sp;
-    rd += sp;
+    const opmath_t bce = math::bce_off_target(static_cast<opmath_t>(row[c]));
+    gc += bce;
+    rd += bce;
   }
   if (kWarpPerRow) {
     gc = cuda::warp_sum(gc);
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(1024) glfc_rows_fwd_kernel(const scalar_t* __r
   if (map.tid == 0) {
     const opmath_t nan = std::numeric_limits<opmath_t>::quiet_NaN();
     const opmath_t o_y = valid ? static_cast<opmath_t>(row[y]) : nan;
-    const opmath_t target_bce = math::softplus(-o_y);  // BCE(o_y, 1)
+    const opmath_t target_bce = math::bce_on_target(o_y);  // BCE(o_y, 1)
     row_sums[2 * r] = gc + target_bce;
     row_sums[2 * r + 1] = rd + (y >= c_old ? target_bce : opmath_t(0));
     g_out[r] = math::sigmoid(-o_y);
@@ -90,7 +91,8 @@ __global__ void __launch_bounds__(1024) glfc_rows_fwd_kernel(const scalar_t* __r
 // One block: group means of G (old / new label), then w, the per-sample loss and row_stats / C.
 // `weights` holds G on entry and w on exit.
 template <typename scalar_t, typename opmath_t>
-__global__ void __launch_bounds__(kBatchThreads) glfc_batch_kernel(const int64_t* __restrict__ labels, const bool* __restrict__ mask,
+__global__ void __launch_bounds__(kBatchThreads) glfc_batch_kernel(const scalar_t* __restrict__ x,
+                                  const int64_t* __restrict__ labels, const bool* __restrict__ mask,
                                   opmath_t* __restrict__ weights, opmath_t* __restrict__ row_stats,
                                   scalar_t* __restrict__ per_sample, int64_t N, int64_t C, opmath_t gc_weight,
                                   opmath_t rd_weight) {
@@ -136,7 +138,9 @@ __global__ void __launch_bounds__(kBatchThreads) glfc_batch_kernel(const int64_t
     const opmath_t gc = row_stats[2 * i] * inv_c, rd = row_stats[2 * i + 1] * inv_c;
     row_stats[2 * i] = gc;
     row_stats[2 * i + 1] = rd;
-    per_sample[i] = static_cast<scalar_t>(gc_weight * w * gc + rd_weight * rd);
+    // (w == 0 only where G underflowed: the label's logit is read only then)
+    const opmath_t w_gc = w == opmath_t(0) ? math::compensated_row(w, gc, static_cast<opmath_t>(x[i * C + y])) : w * gc;
+    per_sample[i] = static_cast<scalar_t>(math::glfc_sample_loss(gc_weight, w_gc, rd_weight, rd));
   }
 }
 
@@ -224,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> glfc_loss_cuda(const at::Tensor& 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     glfc_batch_kernel<scalar_t, opmath_t><<<1, kBatchThreads, 0, stream>>>(
-        yp, mask.defined() ? mask.const_data_ptr<bool>() : nullptr, wp, sp, per_sample.mutable_data_ptr<scalar_t>(),
+        xp, yp, mask.defined() ? mask.const_data_ptr<bool>() : nullptr, wp, sp, per_sample.mutable_data_ptr<scalar_t>(),
         N, C, static_cast<opmath_t>(gc_weight), static_cast<opmath_t>(rd_weight));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

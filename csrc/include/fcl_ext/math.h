@@ -57,6 +57,62 @@ C10_HOST_DEVICE inline T gradient_compensation_weight(T g, T group_mean_g) {
   return group_mean_g > T(0) ? g / group_mean_g : T(1);
 }
 
+// ---- GLFC's BCE terms at any logit, as the twin computes them (issue 17) ----
+// The twin is PyTorch's BCE with logits, (1 - t) x - log_sigmoid(x). For a finite x that is the stable
+// softplus(x) - x t below; at a non-finite x it gives NaN for NaN and for -inf (-inf + inf), and for +inf:
+// +inf where 1 - t > 0, NaN where 1 - t is 0 (0 * inf) or NaN. The kernels use these three helpers for
+// every element (CUDA) or for the rare rows that hold a non-finite logit (CPU; its SIMD loops cover the rest).
+template <typename T>
+C10_HOST_DEVICE inline bool is_finite(T x) {
+  return x - x == T(0);  // inf - inf and NaN - NaN are NaN
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T bce_at_nonfinite_logit(T x, T one_minus_t) {
+  return (x > T(0) && one_minus_t > T(0)) ? x : std::numeric_limits<T>::quiet_NaN();
+}
+
+// BCE(x, 0): a logit that is not the label's (one-hot target 0).
+template <typename T>
+C10_HOST_DEVICE inline T bce_off_target(T x) {
+  return is_finite(x) ? softplus(x) : bce_at_nonfinite_logit(x, T(1));
+}
+
+// BCE(x, 1) at the label, as softplus(-x): no large softplus(x) - x to cancel.
+template <typename T>
+C10_HOST_DEVICE inline T bce_on_target(T x) {
+  return is_finite(x) ? softplus(-x) : std::numeric_limits<T>::quiet_NaN();
+}
+
+// BCE(x, sigmoid(q)) against an old model's logit q. Whether 1 - sigmoid(q) is 0 at x = +inf is decided in
+// float64, as the float64 twin rounds it (from q ~ 36.7; float32 would round from q ~ 16.6): the float64
+// twin is the oracle, and this branch is only taken at a non-finite logit.
+template <typename T>
+C10_HOST_DEVICE inline T bce_teacher_target(T x, T q) {
+  if (is_finite(x)) return softplus(x) - x * sigmoid(q);
+  return bce_at_nonfinite_logit(x, static_cast<T>(1.0 - sigmoid(static_cast<double>(q))));
+}
+
+// w * gc for one sample (gc its GC row sum or mean). 0 * inf is NaN, as in the twin, where the twin's float64
+// weight is 0 too: float32's G = sigmoid(-o_y) underflows to 0 from o_y ~ 104, float64's only from ~ 745.
+template <typename T>
+C10_HOST_DEVICE inline T compensated_row(T w, T gc, T o_y) {
+  if (w == T(0) && gc > T(0) && !is_finite(gc)) {
+    return sigmoid(-static_cast<double>(o_y)) > 0.0 ? gc : std::numeric_limits<T>::quiet_NaN();
+  }
+  return w * gc;
+}
+
+// One sample's GLFC loss from its (weighted) GC and RD terms. A zero weight leaves its term out, so that a
+// switched-off term cannot turn an infinite loss into 0 * inf = NaN: GC alone and RD alone (the twin's
+// gradient_compensated_bce and relation_distillation_bce) are this with the other weight 0.
+template <typename T>
+C10_HOST_DEVICE inline T glfc_sample_loss(T gc_weight, T weighted_gc, T rd_weight, T rd) {
+  const T gc_term = gc_weight == T(0) ? T(0) : gc_weight * weighted_gc;
+  const T rd_term = rd_weight == T(0) ? T(0) : rd_weight * rd;
+  return gc_term + rd_term;
+}
+
 // Gradient matching, cosine metric, from per-row sums dot = <g, t>, gg = |g|^2, tt = |t|^2:
 //   loss = 1 - dot / (|g| |t|);   dloss/dg_p = a * g_p - b * t_p,
 //   a = cos / |g|^2,  b = 1 / (|g| |t|)   (norms taken before multiplying: no |g|^3 |t| to overflow).
