@@ -189,14 +189,8 @@ def test_glfc_extreme_logits_match_twin(dtype):
     _compare(_grad(out, x), _grad(exact, x64), dtype)
 
 
-COSINE_BACKWARD_FINDING = pytest.mark.xfail(
-    strict=True, reason="finding (gradient_matching CPU backward): the float32 cosine gradient under/overflows at "
-                        "|g| ~ 1e-25 and 1e19+ (0 or NaN) although the forward is scaled")
-
-
-@pytest.mark.parametrize("dtype, scale", [
-    pytest.param(dtype, scale, marks=COSINE_BACKWARD_FINDING if dtype == torch.float32 and scale != 1e-19 else ())
-    for dtype in (torch.float64, torch.float32) for scale in (1e-25, 1e-19, 1e19, 1e25)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale", [1e-25, 1e-19, 1e19, 1e25])
 def test_cosine_gradient_matching_at_extreme_scales_matches_twin(scale, dtype):
     # cosine is scale-invariant: the value at scale s equals the value at scale 1, and the
     # gradient scales as 1/s. Squaring unscaled entries under/overflows float32 near 1e±19.
@@ -210,6 +204,22 @@ def test_cosine_gradient_matching_at_extreme_scales_matches_twin(scale, dtype):
     _compare(out.double() if dtype == torch.float64 else out, exact, dtype)
     gr = _grad(out.sum(), g).double() * scale
     _compare(gr.to(dtype) if dtype != torch.float64 else gr, _grad(exact.sum(), g1r), dtype)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e19, 1e25])
+def test_float32_cosine_backward_scales_before_squaring(scale):
+    # The finding's example: |g|^2 ~ 1e-50 underflows float32 (the gradient was 0), ~ 1e38 / 1e50 overflows it
+    # (NaN). g = s [3, 4], t = s [4, 3]: cos = 24/25, d loss / d g = -(t / (|g| |t|) - cos g / |g|^2)
+    # = [-28, 21] / (625 s); a second row at s = 0.2 takes the unscaled path.
+    g = torch.tensor([[3.0, 4.0], [0.6, 0.8]], dtype=torch.float32) * torch.tensor([[scale], [1.0]])
+    t = torch.tensor([[4.0, 3.0], [0.8, 0.6]], dtype=torch.float32) * torch.tensor([[scale], [1.0]])
+    g.requires_grad_()
+    out = ops.gradient_matching_loss(g, t, metric="cosine")
+    # (rtol: s [3, 4] rounded to float32 moves cos by ~1e-7, 1 - cos = 0.04 by ~3e-6 relative)
+    torch.testing.assert_close(out, torch.tensor([0.04, 0.04]), rtol=2e-5, atol=0)
+    gr = _grad(out.sum(), g).double()
+    expected = torch.tensor([[-28.0, 21.0], [-28.0, 21.0]], dtype=torch.float64) / 625
+    torch.testing.assert_close(gr * torch.tensor([[scale], [0.2]], dtype=torch.float64), expected, rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -57,40 +57,82 @@ inline void matching_row_sums(const T* g, const T* t, int64_t n, bool cosine, T*
 // Cosine sums of a row whose unscaled sums may have under- or overflowed: each vector is scaled by a power of
 // two (exact) that brings its largest entry to [1, 2) before squaring, and the sums are scaled back. Returns
 // the loss from the scaled sums (scale-free, right even where a sum itself is not representable).
+// The binary exponents of a row pair's largest entries, for rescaled_cosine_*; false for a row with a NaN,
+// an infinity or only zeros in g or t (its unscaled sums are exact: NaN, inf or 0).
 template <typename T>
-inline T rescaled_cosine_sums(const T* g, const T* t, int64_t n, T* out) {
+inline bool cosine_row_exponents(const T* g, const T* t, int64_t n, int* eg, int* et) {
   T mg = 0, mt = 0;
   for (int64_t i = 0; i < n; ++i) {
     mg = cpu::nan_max(mg, std::abs(g[i]));
     mt = cpu::nan_max(mt, std::abs(t[i]));
   }
-  if (!(std::isfinite(mg) && std::isfinite(mt)) || mg == T(0) || mt == T(0)) {  // NaN / inf / zero: exact as is
+  if (!(std::isfinite(mg) && std::isfinite(mt)) || mg == T(0) || mt == T(0)) return false;
+  *eg = std::ilogb(mg);
+  *et = std::ilogb(mt);
+  return true;
+}
+
+// (dot, gg, tt) of g 2^-eg and t 2^-et (exact scalings), with the SIMD lanes of matching_row_sums (as accurate
+// as the unscaled pass on long rows).
+template <typename T>
+inline void scaled_cosine_sums(const T* g, const T* t, int64_t n, int eg, int et, T* dot, T* gg, T* tt) {
+  using Vec = Vectorized<T>;
+  const T sg = std::ldexp(T(1), -eg), st = std::ldexp(T(1), -et);
+  const Vec vsg(sg), vst(st);
+  Vec vd(0), va(0), vb(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec a = Vec::loadu(g + i) * vsg, b = Vec::loadu(t + i) * vst;
+    vd = at::vec::fmadd(a, b, vd);
+    va = at::vec::fmadd(a, a, va);
+    vb = at::vec::fmadd(b, b, vb);
+  }
+  T d = cpu::vec_hsum(vd), a2 = cpu::vec_hsum(va), b2 = cpu::vec_hsum(vb);
+  for (; i < n; ++i) {
+    const T a = g[i] * sg, b = t[i] * st;
+    d += a * b;
+    a2 += a * a;
+    b2 += b * b;
+  }
+  *dot = d;
+  *gg = a2;
+  *tt = b2;
+}
+
+template <typename T>
+inline T rescaled_cosine_sums(const T* g, const T* t, int64_t n, T* out) {
+  int eg = 0, et = 0;
+  if (!cosine_row_exponents(g, t, n, &eg, &et)) {  // NaN / inf / zero: exact as is
     matching_row_sums(g, t, n, true, out);
     return math::cosine_matching_loss(out[0], out[1], out[2]);
   }
-  const int eg = std::ilogb(mg), et = std::ilogb(mt);
-  const T sg = std::ldexp(T(1), -eg), st = std::ldexp(T(1), -et);
-  T dot = 0, gg = 0, tt = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const T a = g[i] * sg, b = t[i] * st;
-    dot += a * b;
-    gg += a * a;
-    tt += b * b;
-  }
+  T dot, gg, tt;
+  scaled_cosine_sums(g, t, n, eg, et, &dot, &gg, &tt);
   out[0] = std::ldexp(dot, eg + et);
   out[1] = std::ldexp(gg, 2 * eg);
   out[2] = std::ldexp(tt, 2 * et);
   return math::cosine_matching_loss(dot, gg, tt);
 }
 
-// Whether an unscaled sum of n squares can be trusted: not overflowed, and large enough that entries whose
-// squares fell into the subnormal range (absolute error <= the smallest subnormal each) cost < 1 ulp in total.
+// Backward of one cosine row whose unscaled sums under- or overflowed (math::sum_of_squares_in_range): with the
+// forward's power-of-two scales sg = 2^-eg, st = 2^-et and g' = g sg, t' = t st,
+//   dloss/dg = a g - b t = sg (A g' - B t'),  A = cos / |g'|^2,  B = 1 / (|g'| |t'|),
+// so nothing is squared unscaled; the coefficients up sg A and up sg B are formed in double (sg alone may exceed
+// float's range where the result does not). Not taken for NaN, inf or zero rows (the saved sums are exact there).
 template <typename T>
-inline bool sum_of_squares_in_range(T x, int64_t n) {
-  const T lo = static_cast<T>(static_cast<double>(n) * std::numeric_limits<T>::denorm_min() /
-                              std::numeric_limits<T>::epsilon());
-  return x >= lo && x <= std::numeric_limits<T>::max();
+inline bool rescaled_cosine_backward(const T* g, const T* t, int64_t n, T up, T* out) {
+  int eg = 0, et = 0;
+  if (!cosine_row_exponents(g, t, n, &eg, &et)) return false;
+  const T sg = std::ldexp(T(1), -eg), st = std::ldexp(T(1), -et);
+  T dot, gg, tt, A, B;
+  scaled_cosine_sums(g, t, n, eg, et, &dot, &gg, &tt);
+  math::cosine_matching_grad_coeffs(dot, gg, tt, &A, &B);
+  const double up_sg = static_cast<double>(up) * std::ldexp(1.0, -eg);
+  const T ca = static_cast<T>(up_sg * static_cast<double>(A)), cb = static_cast<T>(up_sg * static_cast<double>(B));
+  for (int64_t i = 0; i < n; ++i) out[i] = ca * (g[i] * sg) - cb * (t[i] * st);
+  return true;
 }
+
 
 std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& grads, const at::Tensor& target_grads,
                                                               std::string_view metric) {
@@ -119,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cpu(const at::Tensor& 
         if (cosine) {
           // The fast unscaled pass is right for all but extreme norms (|g| below ~1e-13 or above ~1e19 in float);
           // those rows take a second, scaled pass. NaN stays NaN either way.
-          value = sum_of_squares_in_range(st[1], P) && sum_of_squares_in_range(st[2], P)
+          value = math::sum_of_squares_in_range(st[1], P) && math::sum_of_squares_in_range(st[2], P)
                       ? math::cosine_matching_loss(st[0], st[1], st[2])
                       : rescaled_cosine_sums(gr, tr, P, st);
         }
@@ -157,9 +199,17 @@ at::Tensor gradient_matching_loss_backward_cpu(const at::Tensor& grad_loss, cons
         const opmath_t* tr = cpu::widen_row<scalar_t, opmath_t>(tp + k * P, P, tbuf);
         opmath_t* dst = cpu::narrow_target<scalar_t, opmath_t>(op + k * P, obuf);
         const opmath_t up = static_cast<opmath_t>(gop[k]);
+        const opmath_t* row_stats = sp + 3 * k;
+        // the rows the forward summed scaled (extreme norms): scale before squaring here too
+        const bool in_range =
+            math::sum_of_squares_in_range(row_stats[1], P) && math::sum_of_squares_in_range(row_stats[2], P);
+        if (cosine && !in_range && rescaled_cosine_backward(gr, tr, P, up, dst)) {
+          cpu::narrow_row<scalar_t, opmath_t>(dst, P, op + k * P);
+          continue;
+        }
         // d/dg of the row loss: l2 -> 2 up (g - t) (no 2g - 2t to overflow); cosine -> a g - b t, math.h coefficients.
         opmath_t a = 2, b = 2;
-        if (cosine) math::cosine_matching_grad_coeffs(sp[3 * k], sp[3 * k + 1], sp[3 * k + 2], &a, &b);
+        if (cosine) math::cosine_matching_grad_coeffs(row_stats[0], row_stats[1], row_stats[2], &a, &b);
         a *= up;
         b *= up;
         const Vec va(a), vb(b);

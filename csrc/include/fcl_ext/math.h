@@ -136,6 +136,16 @@ C10_HOST_DEVICE inline void cosine_matching_grad_coeffs(T dot, T gg, T tt, T* a,
   }
 }
 
+// Whether an unscaled sum of n squares can be trusted: not overflowed, and large enough that entries whose
+// squares fell into the subnormal range (absolute error <= the smallest subnormal each) cost < 1 ulp in total.
+// The kernels sum the rows that fail it again, each vector scaled by a power of two first (cosine metric).
+template <typename T>
+C10_HOST_DEVICE inline bool sum_of_squares_in_range(T x, int64_t n) {
+  const T lo = static_cast<T>(static_cast<double>(n) * std::numeric_limits<T>::denorm_min() /
+                              std::numeric_limits<T>::epsilon());
+  return x >= lo && x <= std::numeric_limits<T>::max();
+}
+
 // One element of the matching backward: cosine a g - b t; l2 a (g - t) with a = 2 grad (no a g - a t overflow).
 template <typename T>
 C10_HOST_DEVICE inline T matching_grad(bool cosine, T a, T b, T g, T t) {
