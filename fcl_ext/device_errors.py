@@ -1,8 +1,9 @@
 """Input errors found by the CUDA kernels, raised without a host sync on the hot path.
 
 Some inputs can only be checked by looking at their values: class labels outside [0, C)
-(glfc_loss and its GC-BCE / RD forms, dual_distillation_loss), a batch-constant column with
-eps == 0 (cross_correlation_*), an L-BFGS history index outside its buffer (lbfgs_direction).
+(glfc_loss and its GC-BCE / RD forms, dual_distillation_loss), a batch-constant column or a
+column with a NaN or infinite entry with eps == 0 (cross_correlation_*), an L-BFGS history
+index outside its buffer (lbfgs_direction).
 On the CPU the kernels raise at once. On CUDA, raising would need a device-to-host copy on
 every call (stalling the stream and breaking CUDA-graph capture), and a device-side assert
 would poison the whole CUDA context. So the CUDA kernels instead
@@ -23,7 +24,7 @@ __all__ = ["DeviceInputError", "check_device_errors", "take_device_errors"]
 # Keep in sync with csrc/cuda/kernel_utils.cuh.
 _SLOTS = ("code", "op", "index", "value", "bound", "what", "count")
 _OPS = {1: "glfc_loss", 2: "dual_distillation_loss", 3: "cross_correlation", 4: "lbfgs_direction"}
-LABEL_RANGE, CONSTANT_COLUMN, HISTORY_RANGE = 1, 2, 3
+LABEL_RANGE, CONSTANT_COLUMN, HISTORY_RANGE, NAN_COLUMN = 1, 2, 3, 4
 
 
 class DeviceInputError(RuntimeError):
@@ -74,6 +75,10 @@ def describe(record) -> str:
     elif code == CONSTANT_COLUMN:
         what = (f"column {index} of {'ab'[record['what']]} is constant over the batch (zero variance), so "
                 "standardising it divides by zero; pass eps > 0 (e.g. eps=1e-5) to allow constant columns")
+        effect = "the matrix entries and loss that use it are NaN"
+    elif code == NAN_COLUMN:
+        what = (f"NaN in column {index} of {'ab'[record['what']]} (a NaN or infinite entry makes its variance NaN), "
+                "so the correlation would be NaN")
         effect = "the matrix entries and loss that use it are NaN"
     elif code == HISTORY_RANGE:
         name = "hist_start" if record["what"] == 1 else "hist_len"

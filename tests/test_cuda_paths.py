@@ -388,6 +388,63 @@ def test_cross_correlation_constant_column_is_a_device_error(b, k):
                                rtol=1e-4, atol=1e-4)
 
 
+def _on_devices(fn, inputs, grad_idx):
+    """fn and its gradients (of the sum) on CUDA (under sync-debug "error") and on the CPU, as float64 on the CPU."""
+    results = {}
+    for device in ("cuda", "cpu"):
+        xs = [x.detach().to(device).requires_grad_(i in grad_idx) for i, x in enumerate(inputs)]
+        with no_host_sync() if device == "cuda" else contextlib.nullcontext():
+            out = fn(*xs)
+            grads = torch.autograd.grad(out.sum(), [xs[i] for i in grad_idx]) if grad_idx else []
+        results[device] = (out.detach().cpu().double(), [g.cpu().double() for g in grads])
+    return results
+
+
+# The CPU's extreme-value tests (tests/test_kernel_strength.py) on every column-statistics path.
+CC_EXTREME_SHAPES = {"fused": (16, 3), "split-B": (8192, 8), "cublas": (16, 200)}
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+@pytest.mark.parametrize("path", list(CC_EXTREME_SHAPES))
+def test_cross_correlation_huge_columns_like_cpu_and_twin(path, eps):
+    # float32 columns near +-3e38: their squared deviations overflow float32, the scaled two-pass does not
+    b, k = CC_EXTREME_SHAPES[path]
+    a64 = randn(b, k, seed=11)
+    a64 = a64 / a64.abs().max() * 3e38
+    a, bb = a64.float(), randn(b, k, seed=12).float()
+    results = _on_devices(lambda x, y: fcl_ext.ops.cross_correlation_matrix(x, y, eps=eps), [a, bb], [1])
+    fcl_ext.check_device_errors("cuda")  # no column is constant or NaN
+    a_ref, b_ref = a.double(), bb.double().requires_grad_()
+    m_ref = ref.cross_correlation_matrix(a_ref, b_ref, eps=eps)
+    gb_ref, = torch.autograd.grad(m_ref.sum(), [b_ref])
+    for device, (m, (gb,)) in results.items():
+        assert torch.isfinite(m).all(), device
+        torch.testing.assert_close(m, m_ref.detach(), rtol=1e-4, atol=1e-5, msg=lambda msg: f"{device}: {msg}")
+        torch.testing.assert_close(gb, gb_ref, rtol=1e-4, atol=1e-5, msg=lambda msg: f"{device}: {msg}")
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("path", list(CC_EXTREME_SHAPES))
+def test_cross_correlation_nan_column_is_a_nan_device_error_not_constant(path, bad):
+    b, k = CC_EXTREME_SHAPES[path]
+    a, bb = randn(b, k).float(), randn(b, k, seed=1).float()
+    a[2, 1] = float(bad)
+    with pytest.raises(RuntimeError, match="NaN in column 1 of a"):  # the CPU raises at once
+        fcl_ext.ops.cross_correlation_matrix(a, bb)
+    a, bb = a.cuda(), bb.cuda()
+    with no_host_sync():
+        m = fcl_ext.ops.cross_correlation_matrix(a, bb)
+    assert torch.isnan(m[1]).all() and torch.isfinite(m[[0] + list(range(2, k))]).all()
+    with pytest.raises(DeviceInputError, match=r"NaN in column 1 of a \(a NaN or infinite entry"):
+        fcl_ext.check_device_errors()
+    # eps > 0: no error, NaN in -> NaN out (that row of M), like the CPU
+    results = _on_devices(lambda x, y: fcl_ext.ops.cross_correlation_matrix(x, y, eps=1e-5), [a.cpu(), bb.cpu()], [])
+    fcl_ext.check_device_errors("cuda")
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(results["cuda"][0][1]).all()
+
+
 # ---- gradient_matching_loss ----------------------------------------------------------------------
 
 GM_SHAPES = {"split-P": (3, 100_000), "block-rows": (300, 50), "one-row": (1, 5000)}
@@ -436,6 +493,27 @@ def test_gradient_matching_nan_row_is_nan():
     g[1, 7] = float("nan")
     loss = fcl_ext.ops.gradient_matching_loss(g, t, metric="cosine")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale", [1e-25, 1e-19, 1e19, 1e25])
+@pytest.mark.parametrize("path", list(GM_SHAPES))
+def test_cosine_gradient_matching_at_extreme_scales_like_cpu_and_twin(path, scale, dtype):
+    # cosine is scale-invariant: at scale s the value is the value at scale 1 and the gradient scales as 1/s.
+    # Squaring unscaled entries under/overflows float32 near 1e+-19: the rows are summed again, scaled, in the
+    # forward (one-block and split-P finish) and in the backward.
+    k, p = GM_SHAPES[path]
+    g1 = randn(k, p)
+    t1 = g1 + 0.5 * randn(k, p, seed=8)
+    g, t = (g1 * scale).to(dtype), (t1 * scale).to(dtype)
+    results = _on_devices(lambda x, y: fcl_ext.ops.gradient_matching_loss(x, y, metric="cosine"), [g, t], [0])
+    g64 = (g.double() / scale).requires_grad_()
+    exact = ref.gradient_matching_loss(g64, t.double() / scale, metric="cosine")
+    gr64, = torch.autograd.grad(exact.sum(), [g64])
+    for device, (loss, (gr,)) in results.items():
+        torch.testing.assert_close(loss, exact.detach(), **tol(dtype), msg=lambda msg: f"{device}: {msg}")
+        torch.testing.assert_close(gr * scale, gr64, rtol=tol(dtype)["rtol"], atol=tol(dtype)["rtol"] * float(
+            gr64.abs().max()), msg=lambda msg: f"{device} grad: {msg}")
 
 
 # ---- lbfgs_direction -----------------------------------------------------------------------------

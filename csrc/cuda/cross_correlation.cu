@@ -9,8 +9,9 @@
 // the loss epilogue as one reduction kernel plus a one-block finish. Backward: dL/dM is affine in M, so
 // dL/da_hat is one GEMM with the saved M; a split-B column reduction and a split-B apply kernel then go
 // back through the standardisation.
-// With eps == 0 a zero-variance column gives NaN entries and a device error (fcl_ext.check_device_errors());
-// no host sync on any path.
+// Column statistics as the CPU's: shifted one-pass sums, redone by a scaled two-pass for a column whose sum of
+// squares is out of range (no overflow near +-3e38; a NaN column stays NaN). With eps == 0 a zero-variance or
+// NaN column gives NaN entries and a device error (fcl_ext.check_device_errors()); no host sync on any path.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,6 +32,72 @@ constexpr int kFusedThreads = 1024;
 constexpr int64_t kFusedMaxK = 128;
 constexpr int64_t kFusedMaxWork = int64_t(1) << 18;  // B * Ka * Kb multiply-adds for one block
 constexpr int64_t kRowsPerSplit = 256;  // split-B column kernels: at least this many rows per block
+
+// Column statistics, as the CPU's (csrc/cpu/cross_correlation.cpp): shifted one-pass sums, and for a column whose
+// sum of squares is not safely in range (overflow near +-3e38, NaN or inf entries, a constant column, subnormal
+// squares) a scaled two-pass, so that the variance neither overflows nor hides a NaN.
+
+// mean / inv_std from a column's shifted one-pass sums; false where s2 is not safely in range.
+template <typename acc_t>
+__device__ __forceinline__ bool column_stats_from_sums(acc_t shift, acc_t s1, acc_t s2, int64_t B, acc_t n_var,
+                                                       acc_t eps, acc_t* mean, acc_t* inv_std) {
+  if (!math::sum_of_squares_in_range(s2, B)) return false;
+  const acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
+  *mean = shift + s1 / acc_t(B);
+  *inv_std = acc_t(1) / ::sqrt((var > acc_t(0) ? var : acc_t(0)) + eps);
+  return true;
+}
+
+// Scaled two-pass mean and inv_std of column `col` of x [B, K]: the column is scaled by a power of two (exact) that
+// brings its largest |entry| to [1, 2); inv_std = 2^-e / sqrt(var_hat + eps 2^-2e). A NaN or inf entry gives NaN
+// (mean and inv_std), an all-zero column mean 0 and 1 / sqrt(eps). By the kLanes lanes of a warp (kLanes = 32,
+// `lane` its lane id; all 32 take part) or by one thread (kLanes = 1, lane 0).
+template <int kLanes, typename scalar_t, typename acc_t>
+__device__ void column_stats_scaled(const scalar_t* __restrict__ x, int64_t B, int64_t K, int64_t col, acc_t n_var,
+                                    acc_t eps, int lane, acc_t* mean, acc_t* inv_std) {
+  acc_t m = 0;
+  for (int64_t i = lane; i < B; i += kLanes) m = cuda::nan_max(m, ::abs(static_cast<acc_t>(x[i * K + col])));
+  if (kLanes > 1) m = cuda::warp_nan_max(m);
+  if (!math::is_finite(m)) {
+    *mean = *inv_std = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  if (m == acc_t(0)) {  // all zeros: a constant column
+    *mean = 0;
+    *inv_std = acc_t(1) / ::sqrt(eps);
+    return;
+  }
+  const int e = ::ilogb(m);
+  const acc_t scale = ::ldexp(acc_t(1), -e);
+  acc_t sum = 0;
+  for (int64_t i = lane; i < B; i += kLanes) sum += static_cast<acc_t>(x[i * K + col]) * scale;
+  if (kLanes > 1) sum = cuda::warp_sum(sum);
+  const acc_t mu = sum / acc_t(B);
+  acc_t ss = 0;
+  for (int64_t i = lane; i < B; i += kLanes) {
+    const acc_t d = static_cast<acc_t>(x[i * K + col]) * scale - mu;
+    ss += d * d;
+  }
+  if (kLanes > 1) ss = cuda::warp_sum(ss);
+  *mean = ::ldexp(mu, e);
+  *inv_std = ::ldexp(acc_t(1) / ::sqrt(ss / n_var + ::ldexp(eps, -2 * e)), -e);
+}
+
+// A column the correlation cannot standardise, recorded as the CPU raises it (`which`: 0 = a, 1 = b): with
+// eps == 0 a NaN inv_std (a NaN or inf entry: "NaN in column"), and a zero variance (inv_std = inf: "constant").
+template <typename acc_t>
+__device__ __forceinline__ bool report_bad_column(long long* errors, acc_t inv_std, acc_t eps, int64_t col, int64_t K,
+                                                  int which) {
+  if (eps == acc_t(0) && inv_std != inv_std) {
+    cuda::report_device_error(errors, cuda::kErrNanColumn, cuda::kOpCrossCorrelation, col, 0, K, which);
+    return true;
+  }
+  if (inv_std == std::numeric_limits<acc_t>::infinity()) {
+    cuda::report_device_error(errors, cuda::kErrConstantColumn, cuda::kOpCrossCorrelation, col, 0, K, which);
+    return true;
+  }
+  return false;
+}
 
 // Split-B column statistics: block (x, y) sums columns [32x, 32x+32) over row chunk y, shifted by the
 // column's first value (one shift for all chunks, so the partial sums add exactly): partial[y][0|1][col].
@@ -64,8 +131,8 @@ __global__ void column_stats_partial_kernel(const scalar_t* __restrict__ x, int6
   }
 }
 
-// One thread per column: adds the chunks in order, writes (mean, inv_std); with eps == 0 a zero variance
-// (inv_std = inf) is recorded as a device error (`which`: 0 = a, 1 = b).
+// One thread per column: adds the chunks in order, writes (mean, inv_std) (the scaled two-pass where the sums are
+// out of range); with eps == 0 a constant or NaN column is recorded as a device error (`which`: 0 = a, 1 = b).
 template <typename scalar_t, typename acc_t>
 __global__ void column_stats_finish_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ partial,
                                            int splits, int64_t B, int64_t K, acc_t n_var, acc_t eps,
@@ -78,14 +145,13 @@ __global__ void column_stats_finish_kernel(const scalar_t* __restrict__ x, const
     s1 += partial[(int64_t(j) * 2) * K + col];
     s2 += partial[(int64_t(j) * 2 + 1) * K + col];
   }
-  acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
-  var = var > acc_t(0) ? var : (var != var ? var : acc_t(0));  // NaN stays NaN
-  mean[col] = static_cast<acc_t>(x[col]) + s1 / acc_t(B);
-  const acc_t inv = acc_t(1) / ::sqrt(var + eps);
-  inv_std[col] = inv;
-  if (inv == std::numeric_limits<acc_t>::infinity()) {
-    cuda::report_device_error(errors, cuda::kErrConstantColumn, cuda::kOpCrossCorrelation, col, 0, K, which);
+  acc_t mu, inv;
+  if (!column_stats_from_sums(static_cast<acc_t>(x[col]), s1, s2, B, n_var, eps, &mu, &inv)) {
+    column_stats_scaled<1>(x, B, K, col, n_var, eps, 0, &mu, &inv);
   }
+  mean[col] = mu;
+  inv_std[col] = inv;
+  report_bad_column(errors, inv, eps, col, K, which);
 }
 
 // out = (x - mean) * inv_std * scale; thread = one column (coalesced), rows strided over grid.y (no
@@ -126,10 +192,11 @@ __global__ void __launch_bounds__(kFusedThreads)
     }
     s1 = cuda::warp_sum(s1);
     s2 = cuda::warp_sum(s2);
+    acc_t mu, inv;
+    if (!column_stats_from_sums(shift, s1, s2, B, n_var, eps, &mu, &inv)) {  // the same for the whole warp
+      column_stats_scaled<cuda::kWarp>(x, B, K, col, n_var, eps, lane, &mu, &inv);
+    }
     if (lane == 0) {
-      acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
-      var = var > acc_t(0) ? var : (var != var ? var : acc_t(0));  // NaN stays NaN
-      const acc_t mu = shift + s1 / acc_t(B), inv = acc_t(1) / ::sqrt(var + eps);
       acc_t* st = is_a ? stats_a : stats_b;
       st[col] = mu;
       st[K + col] = inv;
@@ -140,12 +207,11 @@ __global__ void __launch_bounds__(kFusedThreads)
   }
   __syncthreads();
   const acc_t *mean_a = sh, *inv_a = sh + Ka, *mean_b = sh + 2 * Ka, *inv_b = sh + 2 * Ka + Kb;
-  if (threadIdx.x == 0) {  // zero variance with eps == 0 (inv_std = inf; a NaN column is not this error)
+  if (threadIdx.x == 0) {  // the first constant or NaN column with eps == 0, in the CPU's order (a, then b)
     for (int64_t c = 0; c < Ka + Kb; ++c) {
-      const acc_t inv = c < Ka ? inv_a[c] : inv_b[c - Ka];
-      if (inv == std::numeric_limits<acc_t>::infinity()) {
-        cuda::report_device_error(errors, cuda::kErrConstantColumn, cuda::kOpCrossCorrelation, c < Ka ? c : c - Ka,
-                                  0, c < Ka ? Ka : Kb, c < Ka ? 0 : 1);
+      const bool is_a = c < Ka;
+      if (report_bad_column(errors, is_a ? inv_a[c] : inv_b[c - Ka], eps, is_a ? c : c - Ka, is_a ? Ka : Kb,
+                            is_a ? 0 : 1)) {
         break;
       }
     }

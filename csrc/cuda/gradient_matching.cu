@@ -2,7 +2,9 @@
 // gradient_matching_loss: the rows' sums (<g,t>, |g|^2, |t|^2 or |g-t|^2) by one block per row, or, when
 // K is too small to fill the device, by several blocks per row (split-P) whose partial sums a finish
 // kernel adds in a fixed order (deterministic); block reductions in the accumulation type. Its backward
-// is one elementwise pass (any K: rows beyond the 65535 grid.y limit are looped over).
+// is one elementwise pass (any K: rows beyond the 65535 grid.y limit are looped over). Cosine rows with
+// extreme norms (unscaled sums out of range) are summed again with each vector scaled by a power of two, in
+// the forward and the backward, as on the CPU (no extra launch on the common path).
 // lbfgs_direction: one block per problem; every thread owns the same coordinates of q through the whole
 // recursion, so only the dot products (block reductions) synchronise; each q update pass also forms the
 // next dot product (one pass over q per history pair instead of two). Invalid hist_len / hist_start
@@ -23,6 +25,73 @@
 
 namespace fcl_ext {
 namespace {
+
+constexpr int kFinishThreads = 256;  // split-P finish: one block per row (it may rescale the row)
+
+// Cosine sums of row (gr, tr) by the whole block with each vector scaled by a power of two (exact) that brings
+// its largest |entry| to [1, 2) before squaring, as the CPU's rescaled pass (csrc/cpu/gradient_matching.cpp).
+// Returns false (on every thread) for a row with a NaN, an inf or only zeros in g or t: its unscaled sums are
+// exact there (NaN, inf or 0). Used only for rows whose unscaled sums are out of range (math.h).
+template <typename scalar_t, typename opmath_t>
+__device__ bool block_scaled_cosine_sums(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ tr, int64_t P,
+                                         opmath_t* shared, int* eg, int* et, opmath_t* dot, opmath_t* gg,
+                                         opmath_t* tt) {
+  opmath_t mg = 0, mt = 0;
+  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+    mg = cuda::nan_max(mg, ::abs(static_cast<opmath_t>(gr[i])));
+    mt = cuda::nan_max(mt, ::abs(static_cast<opmath_t>(tr[i])));
+  }
+  mg = cuda::block_nan_max(mg, shared);
+  mt = cuda::block_nan_max(mt, shared);
+  if (!(math::is_finite(mg) && math::is_finite(mt)) || mg == opmath_t(0) || mt == opmath_t(0)) return false;
+  *eg = ::ilogb(mg);
+  *et = ::ilogb(mt);
+  const opmath_t sg = ::ldexp(opmath_t(1), -*eg), st = ::ldexp(opmath_t(1), -*et);
+  opmath_t d = 0, a2 = 0, b2 = 0;
+  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+    const opmath_t a = static_cast<opmath_t>(gr[i]) * sg, b = static_cast<opmath_t>(tr[i]) * st;
+    d += a * b;
+    a2 += a * a;
+    b2 += b * b;
+  }
+  *dot = cuda::block_sum(d, shared);
+  *gg = cuda::block_sum(a2, shared);
+  *tt = cuda::block_sum(b2, shared);
+  return true;
+}
+
+template <typename opmath_t>
+__device__ __forceinline__ bool cosine_sums_in_range(const opmath_t* st, int64_t P) {
+  return math::sum_of_squares_in_range(st[1], P) && math::sum_of_squares_in_range(st[2], P);
+}
+
+// Row k's stats and loss from its sums (a, b, c), by the whole block (every thread holds the sums). Cosine rows
+// whose unscaled sums under- or overflowed (|g| or |t| below ~1e-13 or above ~1e19 in float) are summed again,
+// scaled, as on the CPU; the branch is the same for the whole block.
+template <typename scalar_t, typename opmath_t>
+__device__ void finish_row(const scalar_t* __restrict__ gr, const scalar_t* __restrict__ tr, int64_t P, opmath_t a,
+                           opmath_t b, opmath_t c, bool cosine, opmath_t* shared, scalar_t* __restrict__ loss,
+                           opmath_t* __restrict__ st) {
+  opmath_t value = a;
+  if (cosine) {
+    int eg, et;
+    opmath_t dot, gg, tt;
+    if (!(math::sum_of_squares_in_range(b, P) && math::sum_of_squares_in_range(c, P)) &&
+        block_scaled_cosine_sums(gr, tr, P, shared, &eg, &et, &dot, &gg, &tt)) {
+      a = ::ldexp(dot, eg + et);
+      b = ::ldexp(gg, 2 * eg);
+      c = ::ldexp(tt, 2 * et);
+      value = math::cosine_matching_loss(dot, gg, tt);
+    } else {
+      value = math::cosine_matching_loss(a, b, c);
+    }
+  }
+  if (threadIdx.x != 0) return;
+  st[0] = a;
+  st[1] = b;
+  st[2] = c;
+  *loss = static_cast<scalar_t>(value);
+}
 
 // Block (blockIdx.x, k) sums its share of row k (chunk blockIdx.x of gridDim.x). With one block per row
 // (gridDim.x == 1) it writes the loss and stats; else its three sums go to partial[k][blockIdx.x].
@@ -55,56 +124,82 @@ __global__ void __launch_bounds__(1024)
     b = cuda::block_sum(b, shared);
     c = cuda::block_sum(c, shared);
   }
-  if (threadIdx.x != 0) return;
   if (gridDim.x > 1) {
+    if (threadIdx.x != 0) return;
     opmath_t* pt = partial + 3 * (k * gridDim.x + blockIdx.x);
     pt[0] = a;
     pt[1] = b;
     pt[2] = c;
     return;
   }
-  opmath_t* st = stats + 3 * k;
-  st[0] = a;
-  st[1] = b;
-  st[2] = c;
-  loss[k] = static_cast<scalar_t>(cosine ? math::cosine_matching_loss(a, b, c) : a);
+  finish_row(gr, tr, P, a, b, c, cosine, shared, loss + k, stats + 3 * k);
 }
 
-// Split-P finish: one thread per row adds its `splits` partial sums in order.
+// Split-P finish: block k adds row k's `splits` partial sums in order (thread 0: deterministic), then
+// finish_row (the whole block: it may rescale the row).
 template <typename scalar_t, typename opmath_t>
-__global__ void matching_finish_kernel(const opmath_t* __restrict__ partial, int64_t K, int splits,
-                                       scalar_t* __restrict__ loss, opmath_t* __restrict__ stats, bool cosine) {
-  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= K) return;
-  opmath_t a = 0, b = 0, c = 0;
-  for (int j = 0; j < splits; ++j) {
-    const opmath_t* pt = partial + 3 * (k * splits + j);
-    a += pt[0];
-    b += pt[1];
-    c += pt[2];
+__global__ void __launch_bounds__(kFinishThreads)
+    matching_finish_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ t,
+                           const opmath_t* __restrict__ partial, int64_t P, int splits, scalar_t* __restrict__ loss,
+                           opmath_t* __restrict__ stats, bool cosine) {
+  __shared__ opmath_t shared[32];
+  __shared__ opmath_t sums[3];
+  const int64_t k = blockIdx.x;
+  if (threadIdx.x == 0) {
+    opmath_t a = 0, b = 0, c = 0;
+    for (int j = 0; j < splits; ++j) {
+      const opmath_t* pt = partial + 3 * (k * splits + j);
+      a += pt[0];
+      b += pt[1];
+      c += pt[2];
+    }
+    sums[0] = a;
+    sums[1] = b;
+    sums[2] = c;
   }
-  opmath_t* st = stats + 3 * k;
-  st[0] = a;
-  st[1] = b;
-  st[2] = c;
-  loss[k] = static_cast<scalar_t>(cosine ? math::cosine_matching_loss(a, b, c) : a);
+  __syncthreads();
+  finish_row(g + k * P, t + k * P, P, sums[0], sums[1], sums[2], cosine, shared, loss + k, stats + 3 * k);
 }
 
+// Backward of the cosine rows: dloss/dg = ca (g sg) - cb (t st). In-range rows: ca = up a, cb = up b from the
+// saved sums and sg = st = 1 (exact: the plain a g - b t). Rows the forward rescaled are summed again, scaled,
+// by every block that works on them (rare: extreme norms only; no extra launch on the common path), with
+// ca = up 2^-eg A, cb = up 2^-eg B, A = cos / |g'|^2, B = 1 / (|g'| |t'|) of the scaled rows g' = g sg,
+// t' = t st (formed in double: 2^-eg alone may exceed float's range), so nothing is squared unscaled (the CPU's
+// rescaled_cosine_backward). l2: 2 up (g - t).
 template <typename scalar_t, typename opmath_t>
-__global__ void matching_bwd_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ g,
-                                    const scalar_t* __restrict__ t, const opmath_t* __restrict__ stats,
-                                    scalar_t* __restrict__ out, int64_t K, int64_t P, bool cosine) {
+__global__ void __launch_bounds__(256)
+    matching_bwd_kernel(const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ g,
+                        const scalar_t* __restrict__ t, const opmath_t* __restrict__ stats,
+                        scalar_t* __restrict__ out, int64_t K, int64_t P, bool cosine) {
+  __shared__ opmath_t shared[32];
   for (int64_t k = blockIdx.y; k < K; k += gridDim.y) {  // grid.y is at most 65535
-    opmath_t a = 2, b = 2;
-    if (cosine) math::cosine_matching_grad_coeffs(stats[3 * k], stats[3 * k + 1], stats[3 * k + 2], &a, &b);
     const opmath_t up = static_cast<opmath_t>(grad_loss[k]);
-    a *= up;
-    b *= up;
+    const opmath_t* st = stats + 3 * k;
+    opmath_t a = 2 * up, b = 2 * up, sg = 1, stt = 1;
+    if (cosine) {
+      int eg, et;
+      opmath_t dot, gg, tt;
+      if (cosine_sums_in_range(st, P) ||  // the same branch for the whole block
+          !block_scaled_cosine_sums(g + k * P, t + k * P, P, shared, &eg, &et, &dot, &gg, &tt)) {
+        math::cosine_matching_grad_coeffs(st[0], st[1], st[2], &a, &b);
+        a *= up;
+        b *= up;
+      } else {
+        opmath_t A, B;
+        math::cosine_matching_grad_coeffs(dot, gg, tt, &A, &B);
+        const double up_sg = static_cast<double>(up) * ::ldexp(1.0, -eg);
+        a = static_cast<opmath_t>(up_sg * static_cast<double>(A));
+        b = static_cast<opmath_t>(up_sg * static_cast<double>(B));
+        sg = ::ldexp(opmath_t(1), -eg);
+        stt = ::ldexp(opmath_t(1), -et);
+      }
+    }
 #pragma unroll 4
     for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < P; i += (int64_t)gridDim.x * blockDim.x) {
       const int64_t at = k * P + i;
-      out[at] = static_cast<scalar_t>(
-          math::matching_grad(cosine, a, b, static_cast<opmath_t>(g[at]), static_cast<opmath_t>(t[at])));
+      out[at] = static_cast<scalar_t>(math::matching_grad(cosine, a, b, static_cast<opmath_t>(g[at]) * sg,
+                                                          static_cast<opmath_t>(t[at]) * stt));
     }
   }
 }
@@ -149,10 +244,10 @@ std::tuple<at::Tensor, at::Tensor> gradient_matching_loss_cuda(const at::Tensor&
           splits > 1 ? partial.mutable_data_ptr<opmath_t>() : nullptr, P, chunk, cosine);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    if (splits > 1) {
-      matching_finish_kernel<scalar_t, opmath_t><<<static_cast<unsigned>((K + 127) / 128), 128, 0, stream>>>(
-          partial.const_data_ptr<opmath_t>(), K, static_cast<int>(splits), loss.mutable_data_ptr<scalar_t>(),
-          stats.mutable_data_ptr<opmath_t>(), cosine);
+    if (splits > 1) {  // K < 2 x SMs here
+      matching_finish_kernel<scalar_t, opmath_t><<<static_cast<unsigned>(K), kFinishThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), partial.const_data_ptr<opmath_t>(), P,
+          static_cast<int>(splits), loss.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<opmath_t>(), cosine);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

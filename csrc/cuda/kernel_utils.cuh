@@ -1,7 +1,7 @@
 // Launch shapes and the device-side input-error buffer shared by the CUDA kernels (csrc/cuda/*.cu).
 //
 // Device errors: a kernel that finds an invalid input it cannot reject without a host sync (a label out of
-// range, a constant column with eps == 0, an L-BFGS history index out of range) writes NaN where the bad
+// range, a constant or NaN column with eps == 0, an L-BFGS history index out of range) writes NaN where the bad
 // input would have been used and records the first such error in a small per-device int64 buffer. Nothing
 // synchronises on the hot path; fcl_ext.check_device_errors() (fcl_ext/device_errors.py) reads the buffer
 // with one sync, clears it and raises a clear error. A device-side assert would instead poison the whole
@@ -19,7 +19,13 @@ namespace cuda {
 
 // Buffer layout (int64 slots). Keep in sync with fcl_ext/device_errors.py.
 enum DeviceErrorSlot : int { kErrCode = 0, kErrOp, kErrIndex, kErrValue, kErrBound, kErrWhat, kErrCount, kErrSlots = 8 };
-enum DeviceErrorCode : long long { kErrNone = 0, kErrLabelRange = 1, kErrConstantColumn = 2, kErrHistoryRange = 3 };
+enum DeviceErrorCode : long long {
+  kErrNone = 0,
+  kErrLabelRange = 1,
+  kErrConstantColumn = 2,
+  kErrHistoryRange = 3,
+  kErrNanColumn = 4
+};
 enum DeviceErrorOp : long long { kOpGlfcLoss = 1, kOpDualDistillation = 2, kOpCrossCorrelation = 3, kOpLbfgsDirection = 4 };
 
 // The buffer of `like`'s device, allocated (zeroed, one blocking cudaMemset) on the first call for that device.
@@ -103,6 +109,25 @@ __device__ __forceinline__ T row_max(T v, T* shared) {
 template <typename T>
 __device__ __forceinline__ T nan_max(T a, T b) {
   return (a != a || a > b) ? a : b;
+}
+
+// nan_max over a warp / a block (every thread gets the result; `shared` needs blockDim.x/32 slots).
+template <typename T>
+__device__ __forceinline__ T warp_nan_max(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T block_nan_max(T v, T* shared) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = blockDim.x / kWarp;
+  v = warp_nan_max(v);
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? shared[lane] : -std::numeric_limits<T>::infinity();
+  return warp_nan_max(v);
 }
 
 }  // namespace cuda
