@@ -1,11 +1,15 @@
 """Every CUDA code path of every op against the CPU kernel and the float64 reference (issue 12).
 
-Paths: warp-per-row and block-per-row row kernels (softmax_entropy, glfc_loss, dual_distillation);
-cross_correlation's one-block fused path, its multi-block path (split-B column statistics + cuBLAS) at
-small K with a large batch, at K=200 and at B*K^2 > 2^22, with 0 columns; gradient matching's split-P
-forward (small K), block-per-row forward, K > 65535 (grid.y); lbfgs_direction with ring buffers, M = 0
-and invalid history indices. Each in float64/float32/float16/bfloat16 where the op takes them, with
-non-contiguous and zero-size inputs. Forward and backward of every loss run under
+Paths: warp-per-row and block-per-row row kernels (softmax_entropy, glfc_loss, dual_distillation), glfc_loss
+with infinite / NaN logits and teacher logits (the twin's semantics, both row kernels); cross_correlation's
+one-block fused path, its multi-block path (split-B column statistics + cuBLAS) at small K with a large
+batch, at K=200 and at B*K^2 > 2^22, with 0 columns, and the scaled two-pass column statistics (columns near
++-3e38; NaN / inf columns as a "NaN in column" device error) on the fused, split-B and cuBLAS paths;
+gradient matching's split-P forward (small K), block-per-row forward, K > 65535 (grid.y), and the cosine
+rescale at extreme norms (1e-25 .. 1e25) in the forward (one-block and split-P finish) and the backward;
+lbfgs_direction's register path (D <= 4 x threads, next history pair prefetched) and streaming path
+(D > 4096) with ring buffers, M = 0 and invalid history indices. Each in float64/float32/float16/bfloat16
+where the op takes them, with non-contiguous and zero-size inputs. Forward and backward of every loss run under
 torch.cuda.set_sync_debug_mode("error"), so a host sync fails the test. Invalid inputs give NaN outputs
 and a device error that fcl_ext.check_device_errors() raises (never a device assert).
 
@@ -547,6 +551,21 @@ def test_lbfgs_direction_ring_buffers(k, m, d, dtype):
     h = torch.rand(k, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
     _lbfgs_compare(grad, s, y, rho, hist_len, h, start, dtype)
     _lbfgs_compare(grad, s, y, rho, hist_len, h, None, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d", [3072, 4096, 4097, 700], ids=["registers-3072", "registers-4096", "streaming-4097",
+                                                        "registers-partial"])
+def test_lbfgs_direction_register_and_streaming_paths(d, dtype):
+    # D <= 4 x threads keeps q in registers with the next history pair prefetched before each reduction
+    # (3072: the reconstruction's 3x32x32, 3 coordinates per thread; 4096: all 4; 700: threads own 2 or 3);
+    # 4097 streams q through global memory. Full and wrapped ring buffers, M = 100 as in reconstruction.
+    k, m = 3, 100
+    grad, s, y, rho = _history(k, m, d, dtype, seed=9)
+    hist_len = torch.tensor([m, m, 37], dtype=torch.int64)
+    start = torch.tensor([0, 63, 99], dtype=torch.int64)
+    h = torch.tensor([1.0, 0.25, 3.0], dtype=torch.float64)
+    _lbfgs_compare(grad, s, y, rho, hist_len, h, start, dtype)
 
 
 def test_lbfgs_direction_empty_history_m0():

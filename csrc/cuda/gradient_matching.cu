@@ -7,7 +7,9 @@
 // the forward and the backward, as on the CPU (no extra launch on the common path).
 // lbfgs_direction: one block per problem; every thread owns the same coordinates of q through the whole
 // recursion, so only the dot products (block reductions) synchronise; each q update pass also forms the
-// next dot product (one pass over q per history pair instead of two). Invalid hist_len / hist_start
+// next dot product (one pass over q per history pair instead of two). Up to D = 4 x threads (4096), q stays
+// in registers and the loads of the next history pair are issued before each block reduction (software
+// pipelining); longer D streams q through global memory. Invalid hist_len / hist_start
 // give a NaN direction for that problem and a device error (fcl_ext.check_device_errors()).
 // Same formulas as the CPU kernels (math.h).
 #include <ATen/ATen.h>
@@ -284,7 +286,122 @@ at::Tensor gradient_matching_loss_backward_cuda(const at::Tensor& grad_loss, con
 // ---- lbfgs_direction --------------------------------------------------------------
 
 // Problem k's history must have 0 <= hist_len <= M and, when it is not empty, 0 <= hist_start < M (as the CPU
-// kernel checks); else its direction is NaN and the error is recorded.
+// kernel checks); else its direction q is NaN, the error is recorded and this returns false.
+template <typename T>
+__device__ bool lbfgs_history_ok(int64_t k, int64_t len, int64_t first, bool has_start, int64_t M, int64_t D, T* q,
+                                 long long* errors) {
+  const bool len_ok = len >= 0 && len <= M;
+  const bool start_ok = !has_start || len == 0 || (first >= 0 && first < M);
+  if (len_ok && start_ok) return true;
+  if (threadIdx.x == 0) {
+    cuda::report_device_error(errors, cuda::kErrHistoryRange, cuda::kOpLbfgsDirection, k, len_ok ? first : len, M,
+                              len_ok ? 1 : 0);
+  }
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) q[i] = std::numeric_limits<T>::quiet_NaN();
+  return false;
+}
+
+// The register path (D <= kLbfgsRegs x threads, e.g. D = 3072 with 1024 threads): q lives in registers for the
+// whole recursion (kLbfgsRegs coordinates per thread), and each step is software-pipelined: the loads of the next
+// history rows (the step's update row and the following dot's row, and rho / alpha) are issued into registers
+// BEFORE the step's block reduction, so their memory latency overlaps the reduction's barriers instead of
+// following it. Same operations in the same order per coordinate, and the same reductions, as
+// lbfgs_direction_kernel below (and so as the CPU kernel's math).
+constexpr int kLbfgsRegs = 4;
+
+template <typename T>
+__device__ __forceinline__ void lbfgs_load_row(T (&dst)[kLbfgsRegs], const T* __restrict__ row, int64_t D) {
+#pragma unroll
+  for (int e = 0; e < kLbfgsRegs; ++e) {
+    const int64_t i = threadIdx.x + int64_t(e) * blockDim.x;
+    dst[e] = (row != nullptr && i < D) ? row[i] : T(0);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(1024)
+    lbfgs_direction_prefetch_kernel(const T* __restrict__ g, const T* __restrict__ S, const T* __restrict__ Y,
+                                    const T* __restrict__ rho, const int64_t* __restrict__ hist_len,
+                                    const int64_t* __restrict__ hist_start, const T* __restrict__ h_diag,
+                                    T* __restrict__ d, T* __restrict__ alpha_buf, int64_t D, int64_t M,
+                                    long long* __restrict__ errors) {
+  __shared__ T shared[32];
+  const int64_t k = blockIdx.x;
+  T* dk = d + k * D;
+  T* alpha = alpha_buf + k * (M > 0 ? M : 1);
+  const int64_t len = hist_len[k];
+  const int64_t first = hist_start == nullptr ? 0 : hist_start[k];
+  if (!lbfgs_history_ok(k, len, first, hist_start != nullptr, M, D, dk, errors)) return;  // the whole block
+  auto slot = [&](int64_t h) { return k * M + (first + h) % M; };  // only called with M > 0 (h < len <= M)
+  auto mine = [&](int e) { return threadIdx.x + int64_t(e) * blockDim.x < D; };
+  T q[kLbfgsRegs], upd[kLbfgsRegs], dot_row[kLbfgsRegs];  // q; the step's update row; the next dot's row
+  // First loop, newest -> oldest: a_h = rho_h <s_h, q>, q -= a_h y_h; the update of step h forms <s_{h-1}, q>.
+  const T* s_next = len > 0 ? S + slot(len - 1) * D : nullptr;
+  lbfgs_load_row(q, g + k * D, D);
+  lbfgs_load_row(dot_row, s_next, D);
+  T part = 0;
+#pragma unroll
+  for (int e = 0; e < kLbfgsRegs; ++e) {
+    if (!mine(e)) continue;
+    q[e] = -q[e];
+    if (s_next != nullptr) part += dot_row[e] * q[e];
+  }
+  for (int64_t h = len - 1; h >= 0; --h) {
+    const int64_t j = slot(h);
+    // prefetch: y_h, s_{h-1} and rho_h, before the reduction that gives a_h
+    const T rho_j = rho[j];
+    lbfgs_load_row(upd, Y + j * D, D);
+    s_next = h > 0 ? S + slot(h - 1) * D : nullptr;
+    lbfgs_load_row(dot_row, s_next, D);
+    const T a = cuda::block_sum(part, shared) * rho_j;
+    if (threadIdx.x == 0) alpha[h] = a;
+    part = 0;
+#pragma unroll
+    for (int e = 0; e < kLbfgsRegs; ++e) {
+      if (!mine(e)) continue;
+      const T v = q[e] - a * upd[e];
+      q[e] = v;
+      if (s_next != nullptr) part += dot_row[e] * v;
+    }
+  }
+  // r = h_diag q with <y_0, r>; then oldest -> newest: b_h = rho_h <y_h, r>, r += (a_h - b_h) s_h, the update
+  // forming <y_{h+1}, r>.
+  const T hd = h_diag[k];
+  const T* y_next = len > 0 ? Y + slot(0) * D : nullptr;
+  lbfgs_load_row(dot_row, y_next, D);
+  part = 0;
+#pragma unroll
+  for (int e = 0; e < kLbfgsRegs; ++e) {
+    if (!mine(e)) continue;
+    q[e] = q[e] * hd;
+    if (y_next != nullptr) part += dot_row[e] * q[e];
+  }
+  __syncthreads();  // alpha[] written by thread 0 is read by all below
+  for (int64_t h = 0; h < len; ++h) {
+    const int64_t j = slot(h);
+    // prefetch: s_h, y_{h+1}, rho_h and a_h, before the reduction that gives b_h
+    const T rho_j = rho[j], a_h = alpha[h];
+    lbfgs_load_row(upd, S + j * D, D);
+    y_next = h + 1 < len ? Y + slot(h + 1) * D : nullptr;
+    lbfgs_load_row(dot_row, y_next, D);
+    const T beta = cuda::block_sum(part, shared) * rho_j;
+    const T c = a_h - beta;
+    part = 0;
+#pragma unroll
+    for (int e = 0; e < kLbfgsRegs; ++e) {
+      if (!mine(e)) continue;
+      const T v = q[e] + c * upd[e];
+      q[e] = v;
+      if (y_next != nullptr) part += dot_row[e] * v;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kLbfgsRegs; ++e) {
+    if (mine(e)) dk[threadIdx.x + int64_t(e) * blockDim.x] = q[e];
+  }
+}
+
+// The streaming path (longer D): q in global memory, one pass over it per history pair.
 template <typename T>
 __global__ void __launch_bounds__(1024)
     lbfgs_direction_kernel(const T* __restrict__ g, const T* __restrict__ S, const T* __restrict__ Y,
@@ -298,16 +415,7 @@ __global__ void __launch_bounds__(1024)
   T* alpha = alpha_buf + k * (M > 0 ? M : 1);
   const int64_t len = hist_len[k];
   const int64_t first = hist_start == nullptr ? 0 : hist_start[k];
-  const bool len_ok = len >= 0 && len <= M;
-  const bool start_ok = hist_start == nullptr || len == 0 || (first >= 0 && first < M);  // as the CPU kernel
-  if (!len_ok || !start_ok) {
-    if (threadIdx.x == 0) {
-      cuda::report_device_error(errors, cuda::kErrHistoryRange, cuda::kOpLbfgsDirection, k, len_ok ? first : len, M,
-                                len_ok ? 1 : 0);
-    }
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) q[i] = std::numeric_limits<T>::quiet_NaN();
-    return;  // the whole block takes this branch
-  }
+  if (!lbfgs_history_ok(k, len, first, hist_start != nullptr, M, D, q, errors)) return;  // the whole block
   auto slot = [&](int64_t h) { return k * M + (first + h) % M; };  // only called with M > 0 (h < len <= M)
   // First loop, newest -> oldest: a_h = rho_h <s_h, q>, q -= a_h y_h. The pass that updates q also forms
   // <s_{h-1}, q> for the next step, so q is read once per pair.
@@ -382,12 +490,15 @@ at::Tensor lbfgs_direction_cuda(const at::Tensor& grad, const at::Tensor& s_hist
   const int threads = cuda::row_block_threads(D);
   long long* errors = cuda::device_error_buffer(grad);
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool in_registers = D <= int64_t(kLbfgsRegs) * threads;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lbfgs_direction_cuda", [&] {
-    lbfgs_direction_kernel<scalar_t><<<K, threads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), S.const_data_ptr<scalar_t>(), Y.const_data_ptr<scalar_t>(),
-        R.const_data_ptr<scalar_t>(), L.const_data_ptr<int64_t>(),
-        start.defined() ? start.const_data_ptr<int64_t>() : nullptr, H.const_data_ptr<scalar_t>(),
-        d.mutable_data_ptr<scalar_t>(), alpha.mutable_data_ptr<scalar_t>(), D, M, errors);
+    auto kernel = in_registers ? lbfgs_direction_prefetch_kernel<scalar_t> : lbfgs_direction_kernel<scalar_t>;
+    kernel<<<K, threads, 0, stream>>>(g.const_data_ptr<scalar_t>(), S.const_data_ptr<scalar_t>(),
+                                      Y.const_data_ptr<scalar_t>(), R.const_data_ptr<scalar_t>(),
+                                      L.const_data_ptr<int64_t>(),
+                                      start.defined() ? start.const_data_ptr<int64_t>() : nullptr,
+                                      H.const_data_ptr<scalar_t>(), d.mutable_data_ptr<scalar_t>(),
+                                      alpha.mutable_data_ptr<scalar_t>(), D, M, errors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return d;
