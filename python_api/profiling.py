@@ -12,9 +12,17 @@ round shows what it is doing. Phase names used by the trainers:
     refresh               an unselected client's refresh (entropy pass, herding when its signal fires)
     entropy, herding      the parts of both (inside local_training / refresh)
     prototype_encoding    a client's perturbed prototypes and their gradients (GLFC)
-    proxy_reconstruction  the proxy server's reconstruction and old-model choice (GLFC)
+    reconstruction        the gradient matching itself (inside proxy_reconstruction)
+    monitor_evaluation    the aggregated model on the proxy's monitor set (inside proxy_reconstruction)
     aggregation           FedAvg of the updates
-    evaluation            the global model on the test set
+    evaluation            the global model on the test set (GLFC); every participant on every test set (FCCL)
+    public_alignment      FCCL: logits on the public batches and the collaborative (cross-correlation) steps
+    distillation          FCCL: the two teachers' logits on the private data (inside local_training)
+
+Sampling (`fcl-ext estimate`): inside `with sampling(n):` every loop wrapped in `batches(name, it, total)` (or
+`loop(name, total)`) runs only its first n items, and records its time with the items run and the items a
+full run has, so the estimate scales each loop to its full length (`pop_details()`). Outside it, nothing is
+cut and the loops run as written.
 """
 from __future__ import annotations
 
@@ -25,40 +33,116 @@ import threading
 import time
 from collections import defaultdict
 
-__all__ = ["phase", "pop_round", "add", "peak_rss_mb", "LOG_AFTER_S", "format_table", "TOP_LEVEL"]
+__all__ = ["phase", "pop_round", "pop_details", "add", "peak_rss_mb", "LOG_AFTER_S", "format_table", "TOP_LEVEL",
+           "sampling", "sample_limit", "loop", "batches", "stack", "nested_in", "ONE_TIME"]
 
 LOG_AFTER_S = 10.0
 
 _local = threading.local()
+_sample_limit = None   # items per loop while an estimate samples (module-wide: forked workers inherit it)
 
 
 def _totals() -> dict:
     if not hasattr(_local, "totals"):
         _local.totals = defaultdict(float)
         _local.counts = defaultdict(int)
+        _local.paths = defaultdict(float)      # "local_training/entropy" -> seconds (nesting kept)
+        _local.loops = {}                      # "refresh/entropy/batches" -> [seconds, items run, items in full]
+        _local.stack = []
     return _local.totals
 
 
 @contextlib.contextmanager
 def phase(name: str, detail: str = ""):
     totals = _totals()
+    _local.stack.append(name)
+    path = "/".join(_local.stack)
     start = time.perf_counter()
     try:
         yield
     finally:
         took = time.perf_counter() - start
+        _local.stack.pop()
         totals[name] += took
         _local.counts[name] += 1
+        _local.paths[path] += took
         if took >= LOG_AFTER_S:
             print(f"[phase] {name}{' ' + detail if detail else ''}: {took:.1f} s", file=sys.stderr, flush=True)
 
 
-def add(times: dict, counts: dict = None) -> None:
+@contextlib.contextmanager
+def sampling(items: int):
+    """Loops run only their first `items` items (and record how many a full run has) inside this block."""
+    global _sample_limit
+    if items < 1:
+        raise ValueError(f"sampling: items must be >= 1, got {items}")
+    saved, _sample_limit = _sample_limit, int(items)
+    try:
+        yield
+    finally:
+        _sample_limit = saved
+
+
+def stack() -> list:
+    """The phases open now, outermost first (a worker process handles a message inside its sender's)."""
+    _totals()
+    return list(_local.stack)
+
+
+@contextlib.contextmanager
+def nested_in(phases: list):
+    """Phases opened in this block are recorded as nested in `phases` (the sender's open phases)."""
+    _totals()
+    saved, _local.stack = _local.stack, list(phases)
+    try:
+        yield
+    finally:
+        _local.stack = saved
+
+
+def sample_limit():
+    """The items per loop while sampling, else None."""
+    return _sample_limit
+
+
+@contextlib.contextmanager
+def loop(name: str, total: int):
+    """Yields how many of a loop's `total` items to run (all unless sampling) and records the loop's time."""
+    _totals()
+    ran = total if _sample_limit is None else min(int(total), _sample_limit)
+    start = time.perf_counter()
+    try:
+        yield ran
+    finally:
+        if _sample_limit is not None:
+            entry = _local.loops.setdefault("/".join(_local.stack + [name]), [0.0, 0, 0])
+            entry[0] += time.perf_counter() - start
+            entry[1] += ran
+            entry[2] += int(total)
+
+
+def batches(name: str, iterable, total: int):
+    """`iterable` (of `total` items) cut to its first items while sampling, timed as loop `name`."""
+    with loop(name, total) as ran:
+        for i, item in enumerate(iterable):
+            if i >= ran:
+                break
+            yield item
+
+
+def add(times: dict, counts: dict = None, details: dict = None) -> None:
     """Merge phase times measured elsewhere (a worker process) into this process's totals."""
     totals = _totals()
     for name, seconds in times.items():
         totals[name] += seconds
         _local.counts[name] += (counts or {}).get(name, 1)
+    for path, seconds in (details or {}).get("paths", {}).items():
+        _local.paths[path] += seconds
+    for path, (seconds, ran, total) in (details or {}).get("loops", {}).items():
+        entry = _local.loops.setdefault(path, [0.0, 0, 0])
+        entry[0] += seconds
+        entry[1] += ran
+        entry[2] += total
 
 
 def pop_round(with_counts: bool = False):
@@ -68,6 +152,16 @@ def pop_round(with_counts: bool = False):
     totals.clear()
     _local.counts.clear()
     return (out, counts) if with_counts else out
+
+
+def pop_details() -> dict:
+    """{"paths": seconds by nesting path, "loops": [seconds, run, full] by path} since the last call (reset)."""
+    _totals()
+    out = {"paths": {k: round(v, 4) for k, v in _local.paths.items()},
+           "loops": {k: [round(v[0], 4), v[1], v[2]] for k, v in _local.loops.items()}}
+    _local.paths.clear()
+    _local.loops.clear()
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -84,7 +178,12 @@ def format_table(rows: list, header: tuple) -> str:
 
 
 # the phases that do not overlap (the others are parts of them); their sum is the round's cost
-TOP_LEVEL = ("local_training", "refresh", "proxy_reconstruction", "aggregation", "evaluation", "other")
+TOP_LEVEL = ("local_training", "refresh", "public_alignment", "proxy_reconstruction", "aggregation", "evaluation",
+             "other")
+
+
+# phases paid once per client, not per round (a participant's construction and pretraining on first contact)
+ONE_TIME = ("client_setup",)
 
 
 # glibc mallopt parameters (malloc.h)

@@ -72,8 +72,11 @@ def _worker_loop(conn, engine, threads: int) -> None:
                 return
             if op == "handle":
                 profiling.pop_round()
-                out = engine._handle_one(arg)
-                out = (out, profiling.pop_round(with_counts=True))
+                profiling.pop_details()
+                message, parent_phases = arg
+                with profiling.nested_in(parent_phases):
+                    out = engine._handle_one(message)
+                out = (out, profiling.pop_round(with_counts=True), profiling.pop_details())
             elif op == "state":
                 out = {cid: engine.client(cid).state_dict() for cid in arg}
             elif op == "load":
@@ -148,11 +151,11 @@ class InProcessEngine:
             self._start_workers()
         owners = [self._worker_of(m.dst) for m in messages]
         for m, w in zip(messages, owners):   # every request goes out first; each worker takes its own in order
-            self._ask(w, "handle", m)
+            self._ask(w, "handle", (m, profiling.stack()))
         replies = []
         for w in owners:                      # a worker answers in the order it was asked
-            reply, (times, counts) = self._answer(w)
-            profiling.add(times, counts)
+            reply, (times, counts), details = self._answer(w)
+            profiling.add(times, counts, details)
             replies.append(reply)
         return replies
 
@@ -175,7 +178,8 @@ class InProcessEngine:
 
     def client(self, cid: Hashable):
         if cid not in self.clients:
-            self.clients[cid] = self.method.make_client(cid)
+            with profiling.phase("client_setup", f"client {cid}"):   # once per client (FCCL: pretraining)
+                self.clients[cid] = self.method.make_client(cid)
         return self.clients[cid]
 
     def send(self, messages: Sequence[Message], desc: str = "") -> list:

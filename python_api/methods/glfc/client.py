@@ -15,6 +15,7 @@ own images (entropy, herding, prototype features, perturbation, encoding) runs h
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Optional
 
@@ -170,7 +171,9 @@ class GLFCClient:
         idx = self.current_indices()
         model.eval()
         total, count = 0.0, 0
-        for b in iterate_batches(len(idx), ctx.cfg.client.eval_batch_size, shuffle=False, device=ctx.device):
+        bs = ctx.cfg.client.eval_batch_size
+        for b in profiling.batches("batches", iterate_batches(len(idx), bs, shuffle=False, device=ctx.device),
+                                   math.ceil(len(idx) / bs)):
             x = ctx.aug.train(ctx.train.images[idx[b]])      # the reference applies train_transform here
             h = fcl_ext.ops.softmax_entropy(model(x).float(), reduction="sum", eps=ctx.cfg.client.entropy_eps)
             total += float(h)
@@ -211,8 +214,9 @@ class GLFCClient:
             out = model.features(ctx.aug.test(ctx.train.images[idx]))
         else:
             model.eval()
-            out = torch.cat([model.features(ctx.aug.test(ctx.train.images[idx[b]]))
-                             for b in iterate_batches(len(idx), ctx.cfg.client.eval_batch_size, False, ctx.device)])
+            bs = ctx.cfg.client.eval_batch_size
+            out = torch.cat([model.features(ctx.aug.test(ctx.train.images[idx[b]])) for b in profiling.batches(
+                "batches", iterate_batches(len(idx), bs, False, ctx.device), math.ceil(len(idx) / bs))])
         model.train(was_training)
         return out
 
@@ -238,30 +242,35 @@ class GLFCClient:
         model.train()
         lrs = lr_for_epoch(cfg, round_idx, ctx.cfg.federated.rounds_per_task, cfg.local_epochs)
         loss_sum, steps = 0.0, 0
-        for epoch in range(cfg.local_epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = lrs[epoch]
-            for b in iterate_batches(len(idx), cfg.batch_size, shuffle=True, device=ctx.device):
-                x = ctx.aug.train(ctx.train.images[idx[b]])
-                y = labels[b]
-                logits = model(x)
-                old_logits = None
-                if old_model is not None:
-                    if cfg.old_model_no_grad:
-                        with torch.no_grad():
-                            old_logits = old_model(x)
-                    else:
+
+        def epoch_batches():
+            for epoch in range(cfg.local_epochs):
+                for group in optimizer.param_groups:
+                    group["lr"] = lrs[epoch]
+                for b in iterate_batches(len(idx), cfg.batch_size, shuffle=True, device=ctx.device):
+                    yield epoch, b
+        total_steps = cfg.local_epochs * math.ceil(len(idx) / cfg.batch_size)
+        for epoch, b in profiling.batches("training_steps", epoch_batches(), total_steps):
+            x = ctx.aug.train(ctx.train.images[idx[b]])
+            y = labels[b]
+            logits = model(x)
+            old_logits = None
+            if old_model is not None:
+                if cfg.old_model_no_grad:
+                    with torch.no_grad():
                         old_logits = old_model(x)
-                loss = loss_fn(logits, y, old_mask, old_logits, gc_weight=cfg.gc_weight, rd_weight=cfg.rd_weight)
-                if not torch.isfinite(loss.detach()):   # no step on it: the weights keep their last finite values
-                    self.nonfinite = {"term": self.nonfinite_term(logits, y, old_mask, old_logits),
-                                      "where": f"local epoch {epoch}, step {steps}"}
-                    return float("nan"), int(len(idx))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach())
-                steps += 1
+                else:
+                    old_logits = old_model(x)
+            loss = loss_fn(logits, y, old_mask, old_logits, gc_weight=cfg.gc_weight, rd_weight=cfg.rd_weight)
+            if not torch.isfinite(loss.detach()):   # no step on it: the weights keep their last finite values
+                self.nonfinite = {"term": self.nonfinite_term(logits, y, old_mask, old_logits),
+                                  "where": f"local epoch {epoch}, step {steps}"}
+                return float("nan"), int(len(idx))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach())
+            steps += 1
         return loss_sum / max(steps, 1), int(len(idx))
 
     def nonfinite_term(self, logits, labels, old_mask, old_logits) -> str:
@@ -284,12 +293,17 @@ class GLFCClient:
     def prototype_gradients(self, model, num_classes: int) -> dict:
         ctx, cfg = self.ctx, self.ctx.cfg.client
         protos, feat_var = [], []
-        for c in self.current_class:
-            idx = ctx.class_indices[c]
-            feats = F.normalize(self.class_features(model, idx, train_mode=cfg.prototype_train_mode).double(), dim=1)
-            mu = feats.mean(0)
-            protos.append(idx[int(torch.linalg.vector_norm(mu - feats, dim=1).argmin())])
-            feat_var.append(feats.var(0, unbiased=True) if len(idx) > 1 else torch.zeros_like(mu))
+        with profiling.loop("classes", len(self.current_class)) as measured:
+            for c in self.current_class[:measured]:
+                idx = ctx.class_indices[c]
+                feats = F.normalize(self.class_features(model, idx, train_mode=cfg.prototype_train_mode).double(),
+                                    dim=1)
+                mu = feats.mean(0)
+                protos.append(idx[int(torch.linalg.vector_norm(mu - feats, dim=1).argmin())])
+                feat_var.append(feats.var(0, unbiased=True) if len(idx) > 1 else torch.zeros_like(mu))
+        for c in self.current_class[measured:]:   # only while an estimate samples: stand-ins, so K stays as in full
+            protos.append(ctx.class_indices[c][0])
+            feat_var.append(torch.zeros_like(feat_var[0]))
         model.eval()
         labels = torch.tensor(self.current_class, dtype=torch.long, device=ctx.device)
         x0 = ctx.train.images[torch.stack(protos)].float() / 255.0          # [K, C, H, W] in [0, 1]
@@ -321,8 +335,8 @@ class GLFCClient:
                     f0 = F.normalize(model.features(net_input(x0)), dim=1)
                     target_f = f0 + torch.randn_like(f0) * (cfg.gaussian_gamma * feat_var.to(f0)).sqrt()
             onehot = F.one_hot(labels, num_classes).float()
-            with torch.enable_grad():
-                for _ in range(cfg.perturb_steps):
+            with torch.enable_grad(), profiling.loop("perturb_steps", cfg.perturb_steps) as steps:
+                for _ in range(steps):
                     if cfg.perturbation == "descent":
                         per_image = F.binary_cross_entropy_with_logits(model(net_input(x)), onehot,
                                                                        reduction="none").mean(1)

@@ -278,7 +278,9 @@ class GLFCServer:
         idx = torch.nonzero(self.test.labels < seen).flatten()
         correct_per_class = torch.zeros(seen, dtype=torch.long, device=self.device)
         count_per_class = torch.zeros(seen, dtype=torch.long, device=self.device)
-        for b in iterate_batches(len(idx), self.cfg.client.eval_batch_size, False, self.device):
+        bs = self.cfg.client.eval_batch_size
+        for b in profiling.batches("batches", iterate_batches(len(idx), bs, False, self.device),
+                                   math.ceil(len(idx) / bs)):
             y = self.test.labels[idx[b]]
             pred = predict(self.ctx.aug.test(self.test.images[idx[b]]))
             correct_per_class += torch.bincount(y[pred == y], minlength=seen)
@@ -291,6 +293,27 @@ class GLFCServer:
         return {"accuracy": acc(0, seen), "old_accuracy": acc(0, task * ts) if task > 0 else None,
                 "new_accuracy": acc(task * ts, seen),
                 "per_task_accuracy": [acc(j * ts, (j + 1) * ts) for j in range(task + 1)]}
+
+    # ---- cost model (`fcl-ext estimate`) -------------------------------------------------
+    # Run only when the entropy signal fires, i.e. in a task's first round (new classes raise the entropy).
+    TASK_START_PHASES = ("prototype_encoding", "herding", "reconstruction")
+
+    def round_plan(self, r: int) -> dict:
+        """What round r asks of each phase (python_api/estimate.py scales the measured seconds per unit):
+        clients trained and refreshed, test classes evaluated, and the images of the selected clients'
+        training sets (their current classes, plus the exemplar memory from task 1 on for the clients that
+        were not new at that task)."""
+        f, c = self.cfg.federated, self.cfg.client
+        task = min(r // f.rounds_per_task, f.num_tasks - 1)
+        clients = f.initial_clients + task * self.new_clients_per_task
+        per_class = sum(len(i) for i in self.ctx.class_indices) / max(len(self.ctx.class_indices), 1)
+        images = self.ctx.classes_per_client * per_class
+        if task > 0:
+            images += c.memory_size * (1 - self.new_clients_per_task / clients)
+        return {"task_start": r % f.rounds_per_task == 0,
+                "units": {"local_training": f.clients_per_round, "refresh": max(clients - f.clients_per_round, 0),
+                          "local_training/training_steps": f.clients_per_round * images,
+                          "evaluation": (task + 1) * self.stream.task_size}}
 
     # ---- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
