@@ -99,22 +99,25 @@ def _per_unit(measured: list, task_start_phases: tuple) -> dict:
         values["other"] = ext["other"]
         for top, total in values.items():
             factor = m.get("parallel", {}).get(top, 1.0)
-            start = sum(s for p, s in ext["paths"].items() if p.count("/") == 1 and p.startswith(top + "/")
-                        and p.split("/")[1] in task_start_phases)
-            parts = {}
-            loop_parts = [k for k in units if k.startswith(top + "/") and k in ext["loops"]]
-            for key in loop_parts:
-                parts[key] = ext["loops"][key]
-            parts[top] = max(total - start - sum(parts.values()), 0.0)
+            starts = {p + "@start": s for p, s in ext["paths"].items() if p.count("/") == 1
+                      and p.startswith(top + "/") and p.split("/")[1] in task_start_phases}
+            parts = {k: ext["loops"][k] for k in units if k.startswith(top + "/") and k in ext["loops"]}
+            parts[top] = max(total - sum(starts.values()) - sum(parts.values()), 0.0)
             if m["task_start"]:
-                parts[top + "@start"] = start
+                parts.update(starts)
             for key, seconds in parts.items():
-                u = units.get(key.split("@")[0], 1)
+                u = _units(units, key)
                 if not u:
                     continue
                 sums[key] = sums.get(key, 0.0) + seconds * factor / u
                 n[key] = n.get(key, 0) + 1
     return {k: sums[k] / n[k] for k in sums}
+
+
+def _units(units: dict, key: str):
+    """Units of a part: its own entry, else its top-level phase's, else 1."""
+    base = key.split("@")[0]
+    return units.get(base, units.get(base.split("/")[0], 1))
 
 
 def project_rounds(measured: list, plans: list, task_start_phases: tuple = ()) -> list:
@@ -124,23 +127,24 @@ def project_rounds(measured: list, plans: list, task_start_phases: tuple = ()) -
     for plan in plans:
         units, costs = plan["units"], {}
         for key, seconds in per_unit.items():
-            base = key.split("@")[0]
             if key.endswith("@start") and not plan["task_start"]:
                 continue
-            top = base.split("/")[0]
-            costs[top] = costs.get(top, 0.0) + seconds * units.get(base, 1)
+            top = key.split("/")[0].split("@")[0]
+            costs[top] = costs.get(top, 0.0) + seconds * _units(units, key)
         out.append(costs)
     return out
 
 
 def _measured_units(plan: dict, counts_by_round: dict) -> dict:
-    """The round's planned units with the client phases cut to the clients that actually ran."""
+    """The round's planned units with the client phases (and the parts the plan names in "per_client",
+    e.g. the reconstruction of the selected clients' gradients) cut to the clients that actually ran."""
     units = dict(plan["units"])
+    per_client = plan.get("per_client", {})
     for kind, phase_name in CLIENT_KINDS.items():
         asked, ran = counts_by_round.get(kind, [0, 0])
         if asked:
             for key in units:
-                if key == phase_name or key.startswith(phase_name + "/"):
+                if key == phase_name or key.startswith(phase_name + "/") or per_client.get(key) == kind:
                     units[key] = units[key] * ran / asked
     return units
 
@@ -209,7 +213,7 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 2, sa
     total = setup_s + one_time + sum(sum(c.values()) for c in projected)
 
     first = measured[0] if measured else None
-    rows = _table_rows(first, projected[0] if projected else {}, sample_batches) if first else []
+    rows = _table_rows(first, projected[0] if projected else {}, plans[0] if plans else {}) if first else []
     table = format_table(rows, ("phase (round 0)", "measured s", "full round s", "how"))
     missing = [p for p in task_start_phases
                if not any(p in path.split("/") for m in measured for path in m["ext"]["paths"])]
@@ -236,12 +240,13 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 2, sa
     return report
 
 
-def _table_rows(first: dict, full_round: dict, sample_batches) -> list:
+def _table_rows(first: dict, full_round: dict, plan: dict) -> list:
     """Rows of round 0: every phase path, its measured seconds, the full round's seconds and how they came."""
     ext, record, counts = first["ext"], first["record"], first["counts"]
     paths = record.get("phase_paths_s") or {}
     loops = record.get("phase_samples") or {}
     clients = {phase_name: counts.get(kind, [0, 0]) for kind, phase_name in CLIENT_KINDS.items()}
+    clients.update({key: counts.get(kind, [0, 0]) for key, kind in plan.get("per_client", {}).items()})
     rows = []
     for path in sorted(paths, key=lambda p: (p.split("/")[0] not in TOP_LEVEL, TOP_LEVEL.index(p.split("/")[0])
                                               if p.split("/")[0] in TOP_LEVEL else 99, p)):
@@ -252,7 +257,7 @@ def _table_rows(first: dict, full_round: dict, sample_batches) -> list:
             ran = sum(v[1] for _, v in cut)
             full = sum(v[2] for _, v in cut)
             how.append(f"extrapolated: {ran} of {full} loop items")
-        asked, ran_c = clients.get(top, [0, 0])
+        asked, ran_c = clients.get(path, clients.get(top, [0, 0]))
         factor = 1.0
         if asked and ran_c and ran_c < asked:
             how.append(f"x{asked}/{ran_c} clients")

@@ -313,7 +313,10 @@ class GLFCServer:
         return {"task_start": r % f.rounds_per_task == 0,
                 "units": {"local_training": f.clients_per_round, "refresh": max(clients - f.clients_per_round, 0),
                           "local_training/training_steps": f.clients_per_round * images,
-                          "evaluation": (task + 1) * self.stream.task_size}}
+                          "evaluation": (task + 1) * self.stream.task_size,
+                          # the problems: the prototypes of the selected clients whose signal fired
+                          "proxy_reconstruction/reconstruction": f.clients_per_round},
+                "per_client": {"proxy_reconstruction/reconstruction": "train"}}
 
     # ---- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
