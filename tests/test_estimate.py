@@ -150,3 +150,24 @@ def test_keep_freed_memory_stops_the_page_fault_storm_with_the_same_values():
         out[mode] = (faults, loss)
     assert out["default"][1] == out["keep"][1]
     assert out["keep"][0] < out["default"][0] / 5
+
+
+@pytest.mark.slow   # ~4 min on the shared 2-core machine: full-size CIFAR-100 data, ResNet-18 at 32x32
+def test_estimate_of_the_cifar100_preset_prints_within_five_minutes(tmp_path):
+    """Issue 14: `fcl-ext estimate glfc --config glfc-cifar100-t10` on the same-size synthetic CIFAR-100 prints its
+    phase table and projection within 5 minutes (writing the data set is not part of it)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from python_api.data.synthetic import make_synthetic
+    make_synthetic("cifar100", tmp_path / "data", progress=lambda *_: None)
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "python_api.cli", "estimate", "glfc", "--config", "glfc-cifar100-t10",
+                          "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "est")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    took = time.perf_counter() - start
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "phase (round 0)" in run.stdout and "projected full run: 100 rounds" in run.stdout
+    assert "extrapolated: " in run.stdout and "x10/2 clients" in run.stdout and "x20/2 clients" in run.stdout
+    assert took < 300, f"estimate took {took:.0f} s"

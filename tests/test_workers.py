@@ -73,3 +73,27 @@ def test_flower_simulation_uses_the_same_streams(tmp_path):
                         num_supernodes=2)
     assert len(b.records) == len(a.records) == 3
     _close(a.records, b.records)
+
+
+@pytest.mark.parametrize("rng", ["sequential", "streams"])
+def test_refresh_together_gives_the_metrics_of_one_client_at_a_time(tmp_path, rng):
+    """Issue 14 item 5: the unselected clients' entropy passes packed into shared batches (client.refresh_together)
+    leave every metric, signal and exemplar choice as it was, in both RNG modes (the tiny run: 2 tasks, a client
+    joining, herding at the task change)."""
+    one = run_training("glfc", tiny_config(f"run.client_rng={rng}", "client.refresh_together=false"),
+                       out_dir=tmp_path / "one")
+    together = run_training("glfc", tiny_config(f"run.client_rng={rng}"), out_dir=tmp_path / "together")
+    assert _metrics(together) == _metrics(one)
+    assert [r["signals_total"] for r in together.records] == [r["signals_total"] for r in one.records]
+    assert sum(r["signals_total"] - r["signals_selected"] for r in one.records) > 0   # refreshed clients fired
+    # batches of 16 (3 per 48-image pass) in packs of 40: packs cross from one client's pass into the next's
+    small = [f"run.client_rng={rng}", "client.eval_batch_size=16"]
+    one_small = run_training("glfc", tiny_config(*small, "client.refresh_together=false"), out_dir=tmp_path / "os")
+    packed = run_training("glfc", tiny_config(*small, "client.refresh_pack_images=40"), out_dir=tmp_path / "packed")
+    assert _metrics(packed) == _metrics(one_small)
+    # every client's stored mean entropy (the signal's input) is the same float
+    import torch
+    states = [torch.load(r.run_dir / "checkpoints" / "last.pt", weights_only=False)["engine_state"]["clients"]
+              for r in (one, together, one_small, packed)]
+    entropies = [{cid: s["last_entropy"] for cid, s in clients.items()} for clients in states]
+    assert entropies[0] == entropies[1] and entropies[2] == entropies[3] and len(entropies[0]) == 5

@@ -106,8 +106,11 @@ class InProcessEngine:
         self._pool = None          # [(process, connection)] once started
         self._owner: dict = {}     # cid -> worker index (a client stays where it was first sent)
 
+    def _rng_context(self, message: Message):
+        return client_stream(self.seed, message) if self.streams else contextlib.nullcontext()
+
     def _handle_one(self, message: Message) -> Message:
-        with client_stream(self.seed, message) if self.streams else contextlib.nullcontext():
+        with self._rng_context(message):
             reply = self.client(message.dst).handle(message)
         reply.src = message.dst
         return reply
@@ -190,6 +193,16 @@ class InProcessEngine:
                     self.messages_carried.append(("request", message.kind, message.dst, message.payload))
                     self.messages_carried.append(("reply", reply.kind, reply.src, reply.payload))
             return replies
+        together = getattr(self.method, "handle_together", None)   # e.g. GLFC: refreshes in shared batches
+        if together is not None and len(messages) > 1:
+            replies = together([self.client(m.dst) for m in messages], list(messages), self._rng_context)
+            if replies is not None:
+                for message, reply in zip(messages, replies):
+                    reply.src = message.dst
+                    if self.audit:
+                        self.messages_carried.append(("request", message.kind, message.dst, message.payload))
+                        self.messages_carried.append(("reply", reply.kind, reply.src, reply.payload))
+                return replies
         iterator = messages
         if self.progress and len(messages) > 1:
             from tqdm.auto import tqdm

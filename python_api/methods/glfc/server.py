@@ -26,7 +26,7 @@ from python_api.metrics import (average_incremental_accuracy, backward_transfer,
 from python_api.models import IncrementalNet, build_model
 from python_api.nonfinite import NonFiniteGuard
 from python_api.methods.glfc import privacy
-from python_api.methods.glfc.client import GLFCClient
+from python_api.methods.glfc.client import GLFCClient, refresh_together
 from python_api.methods.glfc.proxy import ProxyServer
 
 __all__ = ["GLFCServer", "GLFCContext", "fedavg", "resolve_loss", "PSNR_PRIVACY_NOTICE", "TRAIN_KEYS", "REFRESH_KEYS"]
@@ -293,6 +293,16 @@ class GLFCServer:
         return {"accuracy": acc(0, seen), "old_accuracy": acc(0, task * ts) if task > 0 else None,
                 "new_accuracy": acc(task * ts, seen),
                 "per_task_accuracy": [acc(j * ts, (j + 1) * ts) for j in range(task + 1)]}
+
+    def handle_together(self, clients: list, messages: list, rng_context):
+        """The engine's hook for a send handled in one go: the refresh of unselected clients with their
+        entropy passes packed into shared batches (same values; client.refresh_together). None: one by one."""
+        if not self.cfg.client.refresh_together or len(messages) < 2:
+            return None
+        if any(m.kind != "refresh" or m.payload["global_state"] is not messages[0].payload["global_state"]
+               for m in messages) or any(type(c) is not GLFCClient for c in clients):
+            return None
+        return refresh_together(clients, messages, rng_context)
 
     # ---- cost model (`fcl-ext estimate`) -------------------------------------------------
     # Run only when the entropy signal fires, i.e. in a task's first round (new classes raise the entropy).
