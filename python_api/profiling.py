@@ -40,6 +40,7 @@ LOG_AFTER_S = 10.0
 
 _local = threading.local()
 _sample_limit = None   # items per loop while an estimate samples (module-wide: forked workers inherit it)
+_sample_min_s = 0.0    # ... and iterated loops go on past it until they have run this long (cheap items are noisy)
 
 
 def _totals() -> dict:
@@ -71,16 +72,19 @@ def phase(name: str, detail: str = ""):
 
 
 @contextlib.contextmanager
-def sampling(items: int):
-    """Loops run only their first `items` items (and record how many a full run has) inside this block."""
-    global _sample_limit
+def sampling(items: int, min_seconds: float = 0.0):
+    """Loops run only their first `items` items (and record how many a full run has) inside this block; an
+    iterated loop (`batches`) goes on until it has also run `min_seconds`, so cheap items are timed over
+    more of them."""
+    global _sample_limit, _sample_min_s
     if items < 1:
         raise ValueError(f"sampling: items must be >= 1, got {items}")
-    saved, _sample_limit = _sample_limit, int(items)
+    saved = _sample_limit, _sample_min_s
+    _sample_limit, _sample_min_s = int(items), float(min_seconds)
     try:
         yield
     finally:
-        _sample_limit = saved
+        _sample_limit, _sample_min_s = saved
 
 
 def stack() -> list:
@@ -110,24 +114,38 @@ def loop(name: str, total: int):
     """Yields how many of a loop's `total` items to run (all unless sampling) and records the loop's time."""
     _totals()
     ran = total if _sample_limit is None else min(int(total), _sample_limit)
+    path = "/".join(_local.stack + [name])
     start = time.perf_counter()
     try:
         yield ran
     finally:
         if _sample_limit is not None:
-            entry = _local.loops.setdefault("/".join(_local.stack + [name]), [0.0, 0, 0])
-            entry[0] += time.perf_counter() - start
-            entry[1] += ran
-            entry[2] += int(total)
+            _record_loop(path, time.perf_counter() - start, ran, total)
+
+
+def _record_loop(path: str, seconds: float, ran: int, total: int) -> None:
+    entry = _local.loops.setdefault(path, [0.0, 0, 0])
+    entry[0] += seconds
+    entry[1] += ran
+    entry[2] += int(total)
 
 
 def batches(name: str, iterable, total: int):
     """`iterable` (of `total` items) cut to its first items while sampling, timed as loop `name`."""
-    with loop(name, total) as ran:
-        for i, item in enumerate(iterable):
-            if i >= ran:
+    if _sample_limit is None:
+        yield from iterable
+        return
+    _totals()
+    path = "/".join(_local.stack + [name])
+    start, ran = time.perf_counter(), 0
+    try:
+        for item in iterable:
+            if ran >= _sample_limit and time.perf_counter() - start >= _sample_min_s:
                 break
+            ran += 1
             yield item
+    finally:
+        _record_loop(path, time.perf_counter() - start, ran, total)
 
 
 def add(times: dict, counts: dict = None, details: dict = None) -> None:

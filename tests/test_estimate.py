@@ -48,10 +48,14 @@ def test_sampled_loops_run_their_first_items_and_record_the_full_count():
             seen = list(profiling.batches("training_steps", iter(range(10)), 10))
             with profiling.loop("steps", 1) as steps:
                 assert steps == 1
+            cheap = list(profiling.batches("cheap", iter(range(10)), 10))
+        with profiling.sampling(2, min_seconds=60):   # cheap items: go on until the loop has run 60 s (or ends)
+            more = list(profiling.batches("cheap", iter(range(10)), 10))
         everything = list(profiling.batches("training_steps", iter(range(10)), 10))   # not sampling: all
-    assert seen == [0, 1] and everything == list(range(10))
+    assert seen == [0, 1] == cheap and everything == list(range(10)) == more
     details = profiling.pop_details()
     assert details["loops"]["local_training/training_steps"][1:] == [2, 10]
+    assert details["loops"]["local_training/cheap"][1:] == [2 + 10, 20]
     assert details["loops"]["local_training/steps"][1:] == [1, 1] and "local_training" in details["paths"]
     with pytest.raises(ValueError, match="items"):
         with profiling.sampling(0):
@@ -97,7 +101,7 @@ def test_estimate_samples_loops_and_clients_and_marks_what_it_extrapolated(tmp_p
     """One client per send instead of 2 train + 2 refresh and the first batch of every loop: the table says
     which rows were measured and which extrapolated (from how many items / clients), and projects the run."""
     argv = ["estimate", "glfc", "--rounds", "1", "--sample-clients", "1", "--sample-batches", "1",
-            "--out", str(tmp_path / "est")]
+            "--sample-seconds", "0", "--out", str(tmp_path / "est")]
     assert main(argv + TINY + ["client.local_epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "phase (round 0)" in out and "projected full run: 4 rounds" in out
@@ -107,7 +111,7 @@ def test_estimate_samples_loops_and_clients_and_marks_what_it_extrapolated(tmp_p
     steps = samples["local_training/training_steps"]
     assert steps[1] == 1 and steps[2] == 3 * 3   # 1 of 3 epochs x 3 batches (48 images, batch 16)
     report = estimate("glfc", tiny_config("client.local_epochs=3"), rounds=1, sample_clients=1, sample_batches=1,
-                      out_dir=tmp_path / "est2", echo=lambda *_: None)
+                      sample_seconds=0, out_dir=tmp_path / "est2", echo=lambda *_: None)
     assert report["messages"] == [{"train": [2, 1], "refresh": [2, 1]}]
     rows = {r[0].strip(): r for r in report["table_rows"]}
     assert "extrapolated: " in rows["local_training"][3] and "x2/1 clients" in rows["local_training"][3]
