@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     est = sub.add_parser("estimate", help="time the phases of the first rounds, project the full run's cost")
     add_config_args(est)
     est.add_argument("--rounds", type=int, default=1, help="rounds to measure (default 1)")
-    est.add_argument("--sample-clients", type=int, default=2,
-                     help="clients actually run per train/refresh send, scaled to all (0 = all; default 2)")
+    est.add_argument("--sample-clients", type=int, default=1,
+                     help="clients actually run per train/refresh send, scaled to all (0 = all; default 1)")
     est.add_argument("--sample-batches", type=int, default=2,
                      help="items run of every long loop (batches, steps), scaled to all (0 = all; default 2)")
     est.add_argument("--sample-seconds", type=float, default=3.0,

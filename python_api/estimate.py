@@ -149,7 +149,7 @@ def _measured_units(plan: dict, counts_by_round: dict) -> dict:
     return units
 
 
-def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 2, sample_batches: int = 2,
+def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 1, sample_batches: int = 2,
              out_dir=None, echo=print, sample_seconds: float = 3.0) -> dict:
     """Run the first `rounds` rounds on the sampled workload, time the phases, project the full run.
     A batch loop runs at least `sample_batches` items and goes on until it has run `sample_seconds`."""
@@ -162,6 +162,9 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 2, sa
 
     run_cfg = copy.deepcopy(cfg)
     run_cfg.run.max_rounds = rounds
+    workers = int(getattr(cfg.run, "workers", 1) or 1)
+    if workers > 1 and sample_clients:   # one sampled client per worker, so the sends' parallelism is measured
+        sample_clients = max(sample_clients, workers)
     counts: dict = {}
     walls: dict = {}
     per_round_counts, per_round_walls = [], []
@@ -194,7 +197,6 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 2, sa
     total_rounds = method.num_rounds
     plan_of = getattr(method, "round_plan", None) or (lambda r: {"units": {}, "task_start": r == 0})
     task_start_phases = tuple(getattr(method, "TASK_START_PHASES", ()))
-    workers = int(getattr(cfg.run, "workers", 1) or 1)
     measured, one_time = [], 0.0
     for record, rc, rw in zip(records, per_round_counts, per_round_walls):
         phases = record.get("phase_times_s", {})
