@@ -255,12 +255,13 @@ def _table_rows(first: dict, full_round: dict, plan: dict) -> list:
     for path in sorted(paths, key=lambda p: (p.split("/")[0] not in TOP_LEVEL, TOP_LEVEL.index(p.split("/")[0])
                                               if p.split("/")[0] in TOP_LEVEL else 99, p)):
         top = path.split("/")[0]
-        cut = [(k, v) for k, v in loops.items() if k.startswith(path + "/") and v[1] < v[2]]
+        own = [(k.rsplit("/", 1)[1], v) for k, v in loops.items() if k.rsplit("/", 1)[0] == path and v[1] < v[2]]
+        inner = any(k.startswith(path + "/") and v[1] < v[2] for k, v in loops.items())
         how = []
-        if cut:
-            ran = sum(v[1] for _, v in cut)
-            full = sum(v[2] for _, v in cut)
-            how.append(f"extrapolated: {ran} of {full} loop items")
+        if own:
+            how.append("extrapolated: " + ", ".join(f"{name} {v[1]} of {v[2]}" for name, v in own))
+        elif inner:
+            how.append("extrapolated in its parts")
         asked, ran_c = clients.get(path, clients.get(top, [0, 0]))
         factor = 1.0
         if asked and ran_c and ran_c < asked:
@@ -268,11 +269,12 @@ def _table_rows(first: dict, full_round: dict, plan: dict) -> list:
             factor = asked / ran_c
         if path.split("/")[-1] in ONE_TIME:
             how.append("once per client")
+        full = full_round.get(path, 0.0) if "/" not in path and path in TOP_LEVEL else \
+            ext["paths"].get(path, 0.0) * factor
         label = ("  " * path.count("/")) + path.split("/")[-1]
-        rows.append((label, f"{paths[path]:.2f}", f"{ext['paths'].get(path, 0.0) * factor:.2f}",
-                     "; ".join(how) or "measured"))
-    rows.append(("other", f"{record.get('phase_times_s', {}).get('other', 0.0):.2f}", f"{ext['other']:.2f}",
-                 "measured"))
+        rows.append((label, f"{paths[path]:.2f}", f"{full:.2f}", "; ".join(how) or "measured"))
+    rows.append(("other", f"{record.get('phase_times_s', {}).get('other', 0.0):.2f}",
+                 f"{full_round.get('other', ext['other']):.2f}", "measured"))
     rows.append(("round (projected, top-level phases)", f"{record['round_time_s']:.2f}",
                  f"{sum(full_round.values()):.2f}", "with the round plan's units"))
     return rows
