@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="items run of every long loop (batches, steps), scaled to all (0 = all; default 2)")
     est.add_argument("--sample-seconds", type=float, default=3.0,
                      help="a batch loop goes on past --sample-batches until it has run this long (default 3)")
+    est.add_argument("--sample-max-seconds", type=float, default=10.0,
+                     help="... and stops after any batch once it has run this long (default 10)")
     est.add_argument("--out", "-o", default=None, help="run directory of the measured rounds (default: a temp dir)")
 
     show = sub.add_parser("show-config", help="print the resolved config as YAML")
@@ -158,7 +160,8 @@ def main(argv=None) -> int:
             args.no_progress = True
             spec, cfg = resolve_config(args)
             estimate(spec.name, cfg, rounds=args.rounds, sample_clients=args.sample_clients,
-                     sample_batches=args.sample_batches, sample_seconds=args.sample_seconds, out_dir=args.out)
+                     sample_batches=args.sample_batches, sample_seconds=args.sample_seconds,
+                     sample_max_seconds=args.sample_max_seconds, out_dir=args.out)
             return 0
         if args.command == "compare-demo":
             from python_api.compare import compare_demo

@@ -150,9 +150,10 @@ def _measured_units(plan: dict, counts_by_round: dict) -> dict:
 
 
 def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 1, sample_batches: int = 2,
-             out_dir=None, echo=print, sample_seconds: float = 3.0) -> dict:
+             out_dir=None, echo=print, sample_seconds: float = 3.0, sample_max_seconds: float = 10.0) -> dict:
     """Run the first `rounds` rounds on the sampled workload, time the phases, project the full run.
-    A batch loop runs at least `sample_batches` items and goes on until it has run `sample_seconds`."""
+    A batch loop runs at least `sample_batches` items and goes on until it has run `sample_seconds`, but
+    stops after any item once it has run `sample_max_seconds` (one full-size batch can take that long)."""
     import copy
     import tempfile
     from pathlib import Path
@@ -188,7 +189,8 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 1, sa
         method.run_round = counted_round
         return transport
     start = time.perf_counter()
-    with profiling.sampling(sample_batches, sample_seconds) if sample_batches else _nullcontext():
+    with profiling.sampling(sample_batches, sample_seconds, sample_max_seconds) if sample_batches else \
+            _nullcontext():
         result = run_training(method_name, run_cfg, out_dir=out, engine=engine, verbose=False)
     wall = time.perf_counter() - start
     method = holder["method"]
@@ -229,7 +231,7 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 1, sa
     echo(table)
     echo(f"measured {len(records)} round(s) in {wall:.1f} s (setup {setup_s:.1f} s, once per client "
          f"{one_time:.1f} s); sampled: the first {sample_batches or 'all'} item(s) of every loop (batch loops: "
-         f"at least {sample_seconds:g} s), "
+         f"at least {sample_seconds:g} s, at most {sample_max_seconds:g} s past the first), "
          f"{sample_clients or 'all'} client(s) per train/refresh send; workers={workers}")
     if projected:
         line = f"projected rounds: round 0 {_hms(sum(projected[0].values()))}"

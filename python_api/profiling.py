@@ -41,6 +41,7 @@ LOG_AFTER_S = 10.0
 _local = threading.local()
 _sample_limit = None   # items per loop while an estimate samples (module-wide: forked workers inherit it)
 _sample_min_s = 0.0    # ... and iterated loops go on past it until they have run this long (cheap items are noisy)
+_sample_max_s = None   # ... but stop after any item once they have run this long (full-size items are slow)
 
 
 def _totals() -> dict:
@@ -72,19 +73,19 @@ def phase(name: str, detail: str = ""):
 
 
 @contextlib.contextmanager
-def sampling(items: int, min_seconds: float = 0.0):
+def sampling(items: int, min_seconds: float = 0.0, max_seconds: float = None):
     """Loops run only their first `items` items (and record how many a full run has) inside this block; an
     iterated loop (`batches`) goes on until it has also run `min_seconds`, so cheap items are timed over
-    more of them."""
-    global _sample_limit, _sample_min_s
+    more of them, and stops after any item once it has run `max_seconds` (None: no such stop)."""
+    global _sample_limit, _sample_min_s, _sample_max_s
     if items < 1:
         raise ValueError(f"sampling: items must be >= 1, got {items}")
-    saved = _sample_limit, _sample_min_s
-    _sample_limit, _sample_min_s = int(items), float(min_seconds)
+    saved = _sample_limit, _sample_min_s, _sample_max_s
+    _sample_limit, _sample_min_s, _sample_max_s = int(items), float(min_seconds), max_seconds
     try:
         yield
     finally:
-        _sample_limit, _sample_min_s = saved
+        _sample_limit, _sample_min_s, _sample_max_s = saved
 
 
 def stack() -> list:
@@ -140,7 +141,9 @@ def batches(name: str, iterable, total: int):
     start, ran = time.perf_counter(), 0
     try:
         for item in iterable:
-            if ran >= _sample_limit and time.perf_counter() - start >= _sample_min_s:
+            took = time.perf_counter() - start
+            if (ran >= _sample_limit and took >= _sample_min_s) or \
+                    (ran and _sample_max_s is not None and took >= _sample_max_s):
                 break
             ran += 1
             yield item

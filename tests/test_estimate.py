@@ -51,8 +51,10 @@ def test_sampled_loops_run_their_first_items_and_record_the_full_count():
             cheap = list(profiling.batches("cheap", iter(range(10)), 10))
         with profiling.sampling(2, min_seconds=60):   # cheap items: go on until the loop has run 60 s (or ends)
             more = list(profiling.batches("cheap", iter(range(10)), 10))
+        with profiling.sampling(5, max_seconds=0.0):   # slow items: the first one is enough
+            first = list(profiling.batches("slow", iter(range(10)), 10))
         everything = list(profiling.batches("training_steps", iter(range(10)), 10))   # not sampling: all
-    assert seen == [0, 1] == cheap and everything == list(range(10)) == more
+    assert seen == [0, 1] == cheap and everything == list(range(10)) == more and first == [0]
     details = profiling.pop_details()
     assert details["loops"]["local_training/training_steps"][1:] == [2, 10]
     assert details["loops"]["local_training/cheap"][1:] == [2 + 10, 20]
