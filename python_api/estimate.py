@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 
-from python_api.profiling import ONE_TIME, TOP_LEVEL, format_table, peak_rss_mb
+from python_api.profiling import ONE_TIME, TOP_LEVEL, format_table, full_loop_seconds, peak_rss_mb
 
 __all__ = ["estimate", "extrapolate_round", "project_rounds", "CLIENT_KINDS"]
 
@@ -61,14 +61,16 @@ def extrapolate_round(paths: dict, loops: dict, other: float = 0.0) -> dict:
     """One measured round, its sampled loops scaled to full length.
 
     paths: seconds by phase nesting path ("local_training/entropy"); loops: "PATH/loop" -> [seconds, items
-    run, items in full] (profiling.pop_details); other: the round's time outside every phase.
+    run, items in full(, first items' seconds, loops timed item by item)] (profiling.pop_details); other: the
+    round's time outside every phase.
     Returns {"paths": extrapolated seconds by path (a loop's extra time added to every enclosing phase),
     "loops": {loop path: full-length seconds}, "one_time": seconds of ONE_TIME phases (taken out of their
     enclosing phases, paid once), "other": the rest of the round without root-level one-time phases}."""
     ext = {p: float(s) for p, s in paths.items()}
     full_loops = {}
-    for path, (seconds, ran, total) in loops.items():
-        full = seconds * total / ran if ran else 0.0
+    for path, entry in loops.items():
+        seconds = entry[0]
+        full = full_loop_seconds(*entry)
         full_loops[path] = full
         for anc in _ancestors(path)[:-1]:
             ext[anc] = ext.get(anc, 0.0) + full - seconds

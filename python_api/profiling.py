@@ -49,7 +49,8 @@ def _totals() -> dict:
         _local.totals = defaultdict(float)
         _local.counts = defaultdict(int)
         _local.paths = defaultdict(float)      # "local_training/entropy" -> seconds (nesting kept)
-        _local.loops = {}                      # "refresh/entropy/batches" -> [seconds, items run, items in full]
+        _local.loops = {}                      # "refresh/entropy/batches" -> [seconds, items run, items in full,
+                                               #   seconds of the loops' first items, loops timed item by item]
         _local.stack = []
     return _local.totals
 
@@ -124,11 +125,20 @@ def loop(name: str, total: int):
             _record_loop(path, time.perf_counter() - start, ran, total)
 
 
-def _record_loop(path: str, seconds: float, ran: int, total: int) -> None:
-    entry = _local.loops.setdefault(path, [0.0, 0, 0])
-    entry[0] += seconds
-    entry[1] += ran
-    entry[2] += int(total)
+def _record_loop(path: str, seconds: float, ran: int, total: int, first: float = 0.0, timed: int = 0) -> None:
+    entry = _local.loops.setdefault(path, [0.0, 0, 0, 0.0, 0])
+    for i, value in enumerate((seconds, ran, int(total), first, timed)):
+        entry[i] += value
+
+
+def full_loop_seconds(seconds: float, ran: int, total: int, first: float = 0.0, timed: int = 0) -> float:
+    """A sampled loop's time at full length. Loops timed item by item (`timed` of them) keep their first
+    items' time once (warm-up: the first forward of a shape, the first backward) and scale the rest."""
+    if not ran:
+        return 0.0
+    if timed and ran > timed:
+        return first + (total - timed) * (seconds - first) / (ran - timed)
+    return seconds * total / ran
 
 
 def batches(name: str, iterable, total: int):
@@ -138,17 +148,20 @@ def batches(name: str, iterable, total: int):
         return
     _totals()
     path = "/".join(_local.stack + [name])
-    start, ran = time.perf_counter(), 0
+    start, ran, first = time.perf_counter(), 0, None
     try:
         for item in iterable:
             took = time.perf_counter() - start
+            if ran == 1:
+                first = took
             if (ran >= _sample_limit and took >= _sample_min_s) or \
                     (ran and _sample_max_s is not None and took >= _sample_max_s):
                 break
             ran += 1
             yield item
     finally:
-        _record_loop(path, time.perf_counter() - start, ran, total)
+        took = time.perf_counter() - start
+        _record_loop(path, took, ran, total, took if first is None else first, 1 if ran else 0)
 
 
 def add(times: dict, counts: dict = None, details: dict = None) -> None:
@@ -159,11 +172,8 @@ def add(times: dict, counts: dict = None, details: dict = None) -> None:
         _local.counts[name] += (counts or {}).get(name, 1)
     for path, seconds in (details or {}).get("paths", {}).items():
         _local.paths[path] += seconds
-    for path, (seconds, ran, total) in (details or {}).get("loops", {}).items():
-        entry = _local.loops.setdefault(path, [0.0, 0, 0])
-        entry[0] += seconds
-        entry[1] += ran
-        entry[2] += total
+    for path, entry in (details or {}).get("loops", {}).items():
+        _record_loop(path, *entry)
 
 
 def pop_round(with_counts: bool = False):
@@ -176,10 +186,11 @@ def pop_round(with_counts: bool = False):
 
 
 def pop_details() -> dict:
-    """{"paths": seconds by nesting path, "loops": [seconds, run, full] by path} since the last call (reset)."""
+    """{"paths": seconds by nesting path, "loops": [seconds, run, full, first items' seconds, loops timed item
+    by item] by path} since the last call (reset)."""
     _totals()
     out = {"paths": {k: round(v, 4) for k, v in _local.paths.items()},
-           "loops": {k: [round(v[0], 4), v[1], v[2]] for k, v in _local.loops.items()}}
+           "loops": {k: [round(v[0], 4), v[1], v[2], round(v[3], 4), v[4]] for k, v in _local.loops.items()}}
     _local.paths.clear()
     _local.loops.clear()
     return out

@@ -56,9 +56,10 @@ def test_sampled_loops_run_their_first_items_and_record_the_full_count():
         everything = list(profiling.batches("training_steps", iter(range(10)), 10))   # not sampling: all
     assert seen == [0, 1] == cheap and everything == list(range(10)) == more and first == [0]
     details = profiling.pop_details()
-    assert details["loops"]["local_training/training_steps"][1:] == [2, 10]
-    assert details["loops"]["local_training/cheap"][1:] == [2 + 10, 20]
-    assert details["loops"]["local_training/steps"][1:] == [1, 1] and "local_training" in details["paths"]
+    assert details["loops"]["local_training/training_steps"][1:3] == [2, 10]
+    assert details["loops"]["local_training/cheap"][1:3] == [2 + 10, 20]
+    assert details["loops"]["local_training/cheap"][4] == 2 and details["loops"]["local_training/steps"][4] == 0
+    assert details["loops"]["local_training/steps"][1:3] == [1, 1] and "local_training" in details["paths"]
     with pytest.raises(ValueError, match="items"):
         with profiling.sampling(0):
             pass
@@ -77,6 +78,9 @@ def test_extrapolate_round_scales_every_sampled_loop_into_its_enclosing_phases()
                                           "local_training/entropy/batches": 4.0, "evaluation/batches": 0.5})
     # a participant's construction is paid once, not every round: out of its phase (and out of "other")
     assert ext["one_time"] == pytest.approx(5.0)
+    # timed item by item: the first items' 3 s of warm-up once, the other 2 s over 2 items -> 18 more items
+    warm = extrapolate_round({"public_alignment": 6.0}, {"public_alignment/public_batches": [5.0, 3, 21, 3.0, 1]})
+    assert warm["paths"]["public_alignment"] == pytest.approx(1.0 + 3.0 + 20 * 1.0)
     assert ext["paths"]["evaluation"] == pytest.approx(2.0) and ext["other"] == pytest.approx(0.5)
 
 
@@ -111,7 +115,7 @@ def test_estimate_samples_loops_and_clients_and_marks_what_it_extrapolated(tmp_p
     assert len(rounds) == 1 and len(rounds[0]["selected"]) == 2
     samples = rounds[0]["phase_samples"]
     steps = samples["local_training/training_steps"]
-    assert steps[1] == 1 and steps[2] == 3 * 3   # 1 of 3 epochs x 3 batches (48 images, batch 16)
+    assert steps[1:3] == [1, 3 * 3]   # 1 of 3 epochs x 3 batches (48 images, batch 16)
     report = estimate("glfc", tiny_config("client.local_epochs=3"), rounds=1, sample_clients=1, sample_batches=1,
                       sample_seconds=0, out_dir=tmp_path / "est2", echo=lambda *_: None)
     assert report["messages"] == [{"train": [2, 1], "refresh": [2, 1]}]
