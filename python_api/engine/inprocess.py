@@ -152,14 +152,29 @@ class InProcessEngine:
     def _send_parallel(self, messages: Sequence[Message]) -> list:
         if self._pool is None:
             self._start_workers()
-        owners = [self._worker_of(m.dst) for m in messages]
-        for m, w in zip(messages, owners):   # every request goes out first; each worker takes its own in order
-            self._ask(w, "handle", (m, profiling.stack()))
-        replies = []
-        for w in owners:                      # a worker answers in the order it was asked
-            reply, (times, counts), details = self._answer(w)
-            profiling.add(times, counts, details)
-            replies.append(reply)
+        from collections import deque
+        from multiprocessing.connection import wait
+        queues = [deque() for _ in range(self.workers)]   # each worker takes its own messages in request order
+        for position, m in enumerate(messages):
+            queues[self._worker_of(m.dst)].append(position)
+        stack = profiling.stack()
+        # One request in flight per worker: a request or reply larger than the pipe's buffer would otherwise
+        # block the parent writing the next request while that worker blocks writing its reply (deadlock).
+        asked = {}
+        for w, queue in enumerate(queues):
+            if queue:
+                asked[w] = queue.popleft()
+                self._ask(w, "handle", (messages[asked[w]], stack))
+        replies = [None] * len(messages)
+        while asked:
+            ready = wait([self._pool[w][1] for w in asked])
+            for w in [w for w in list(asked) if self._pool[w][1] in ready]:
+                reply, (times, counts), details = self._answer(w)
+                profiling.add(times, counts, details)
+                replies[asked.pop(w)] = reply
+                if queues[w]:
+                    asked[w] = queues[w].popleft()
+                    self._ask(w, "handle", (messages[asked[w]], stack))
         return replies
 
     def close(self) -> None:
