@@ -161,7 +161,6 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 1, sa
     from pathlib import Path
     from python_api import profiling
     from python_api.engine.runner import run_training
-    from python_api.methods import get_method
 
     run_cfg = copy.deepcopy(cfg)
     run_cfg.run.max_rounds = rounds
