@@ -64,17 +64,19 @@ def extrapolate_round(paths: dict, loops: dict, other: float = 0.0) -> dict:
     run, items in full(, first items' seconds, loops timed item by item)] (profiling.pop_details); other: the
     round's time outside every phase.
     Returns {"paths": extrapolated seconds by path (a loop's extra time added to every enclosing phase),
-    "loops": {loop path: full-length seconds}, "one_time": seconds of ONE_TIME phases (taken out of their
-    enclosing phases, paid once), "other": the rest of the round without root-level one-time phases}."""
+    "loops": {loop path: full-length seconds}, "one_time": seconds paid once in a run, not per round (ONE_TIME
+    phases and the loops' warm-up, taken out of their enclosing phases), "other": the rest of the round
+    without root-level one-time phases}."""
     ext = {p: float(s) for p, s in paths.items()}
     full_loops = {}
+    one_time, other = 0.0, float(other)
     for path, entry in loops.items():
         seconds = entry[0]
-        full = full_loop_seconds(*entry)
+        full, warm_up = full_loop_seconds(*entry)
         full_loops[path] = full
+        one_time += warm_up
         for anc in _ancestors(path)[:-1]:
             ext[anc] = ext.get(anc, 0.0) + full - seconds
-    one_time, other = 0.0, float(other)
     for path in sorted(ext, key=lambda p: p.count("/")):
         parts = path.split("/")
         if parts[-1] in ONE_TIME and not any(p in ONE_TIME for p in parts[:-1]):
@@ -230,8 +232,8 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 1, sa
               "peak_rss_mb": peak_rss_mb(), "messages": per_round_counts, "run_dir": str(out),
               "not_measured": missing, "table_rows": rows}
     echo(table)
-    echo(f"measured {len(records)} round(s) in {wall:.1f} s (setup {setup_s:.1f} s, once per client "
-         f"{one_time:.1f} s); sampled: the first {sample_batches or 'all'} item(s) of every loop (batch loops: "
+    echo(f"measured {len(records)} round(s) in {wall:.1f} s (setup {setup_s:.1f} s, paid once: client setup and "
+         f"warm-up {one_time:.1f} s); sampled: the first {sample_batches or 'all'} item(s) of every loop (batch loops: "
          f"at least {sample_seconds:g} s, at most {sample_max_seconds:g} s past the first), "
          f"{sample_clients or 'all'} client(s) per train/refresh send; workers={workers}")
     if projected:

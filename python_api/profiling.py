@@ -131,14 +131,16 @@ def _record_loop(path: str, seconds: float, ran: int, total: int, first: float =
         entry[i] += value
 
 
-def full_loop_seconds(seconds: float, ran: int, total: int, first: float = 0.0, timed: int = 0) -> float:
-    """A sampled loop's time at full length. Loops timed item by item (`timed` of them) keep their first
-    items' time once (warm-up: the first forward of a shape, the first backward) and scale the rest."""
+def full_loop_seconds(seconds: float, ran: int, total: int, first: float = 0.0, timed: int = 0) -> tuple:
+    """(a sampled loop's time at full length, its warm-up). Loops timed item by item (`timed` of them) are
+    scaled by their later items; what their first items took beyond that is warm-up (the first forward of
+    a shape, the first backward), paid once in a run, not per loop. Else: scaled as a whole, no warm-up."""
     if not ran:
-        return 0.0
+        return 0.0, 0.0
     if timed and ran > timed:
-        return first + (total - timed) * (seconds - first) / (ran - timed)
-    return seconds * total / ran
+        per_item = (seconds - first) / (ran - timed)
+        return total * per_item, max(first - timed * per_item, 0.0)
+    return seconds * total / ran, 0.0
 
 
 def batches(name: str, iterable, total: int):

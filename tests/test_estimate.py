@@ -78,9 +78,11 @@ def test_extrapolate_round_scales_every_sampled_loop_into_its_enclosing_phases()
                                           "local_training/entropy/batches": 4.0, "evaluation/batches": 0.5})
     # a participant's construction is paid once, not every round: out of its phase (and out of "other")
     assert ext["one_time"] == pytest.approx(5.0)
-    # timed item by item: the first items' 3 s of warm-up once, the other 2 s over 2 items -> 18 more items
+    # timed item by item: 2 s over the 2 later items -> 1 s an item, 21 in full; the first item's 2 s beyond
+    # that is warm-up, paid once in the run (not every round)
     warm = extrapolate_round({"public_alignment": 6.0}, {"public_alignment/public_batches": [5.0, 3, 21, 3.0, 1]})
-    assert warm["paths"]["public_alignment"] == pytest.approx(1.0 + 3.0 + 20 * 1.0)
+    assert warm["paths"]["public_alignment"] == pytest.approx(1.0 + 21 * 1.0)
+    assert warm["one_time"] == pytest.approx(2.0) and warm["loops"] == {"public_alignment/public_batches": 21.0}
     assert ext["paths"]["evaluation"] == pytest.approx(2.0) and ext["other"] == pytest.approx(0.5)
 
 
