@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     est = sub.add_parser("estimate", help="time the phases of the first rounds, project the full run's cost")
     add_config_args(est)
-    est.add_argument("--rounds", type=int, default=1, help="rounds to measure (default 1)")
+    est.add_argument("--rounds", type=int, default=None,
+                     help="rounds to measure (default 1; 2 with run.workers > 1: round 0 warms the workers up)")
     est.add_argument("--sample-clients", type=int, default=1,
                      help="clients actually run per train/refresh send, scaled to all (0 = all; default 1)")
     est.add_argument("--sample-batches", type=int, default=2,

@@ -94,9 +94,11 @@ def _per_unit(measured: list, task_start_phases: tuple) -> dict:
 
     measured: [{"ext": extrapolate_round(...), "units": {key: units}, "task_start": bool, "parallel": {phase:
     factor}}]. Parts: "T" (the phase without its loops in units and without task-start sub-phases),
-    "T/loop" (a loop with its own units), "T@start" (the task-start sub-phases, from task-start rounds)."""
+    "T/loop" (a loop with its own units), "T@start" (the task-start sub-phases, from task-start rounds).
+    The first measured round holds the process's (and the workers') first-use costs: when later rounds
+    were measured, only they give the parts that every round pays."""
     sums, n = {}, {}
-    for m in measured:
+    for index, m in enumerate(measured):
         ext, units = m["ext"], m["units"]
         tops = {p for p in ext["paths"] if "/" not in p and p in TOP_LEVEL}
         values = {t: ext["paths"][t] for t in tops}
@@ -110,6 +112,8 @@ def _per_unit(measured: list, task_start_phases: tuple) -> dict:
             if m["task_start"]:
                 parts.update(starts)
             for key, seconds in parts.items():
+                if index == 0 and len(measured) > 1 and not key.endswith("@start"):
+                    continue
                 u = _units(units, key)
                 if not u:
                     continue
@@ -153,7 +157,7 @@ def _measured_units(plan: dict, counts_by_round: dict) -> dict:
     return units
 
 
-def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 1, sample_batches: int = 2,
+def estimate(method_name: str, cfg, rounds: int = None, sample_clients: int = 1, sample_batches: int = 2,
              out_dir=None, echo=print, sample_seconds: float = 3.0, sample_max_seconds: float = 10.0) -> dict:
     """Run the first `rounds` rounds on the sampled workload, time the phases, project the full run.
     A batch loop runs at least `sample_batches` items and goes on until it has run `sample_seconds`, but
@@ -164,9 +168,11 @@ def estimate(method_name: str, cfg, rounds: int = 1, sample_clients: int = 1, sa
     from python_api import profiling
     from python_api.engine.runner import run_training
 
+    workers = int(getattr(cfg.run, "workers", 1) or 1)
+    if rounds is None:   # with workers, round 0 holds the fresh worker processes' first-use costs
+        rounds = 2 if workers > 1 else 1
     run_cfg = copy.deepcopy(cfg)
     run_cfg.run.max_rounds = rounds
-    workers = int(getattr(cfg.run, "workers", 1) or 1)
     if workers > 1 and sample_clients:   # one sampled client per worker, so the sends' parallelism is measured
         sample_clients = max(sample_clients, workers)
     counts: dict = {}

@@ -103,6 +103,15 @@ def test_project_rounds_scales_per_unit_and_keeps_task_start_phases_to_task_star
     # per client: 2 s of other work (4 / 2); per image: 0.1 s of steps; no prototypes / reconstruction
     assert later == pytest.approx({"local_training": 3 * 2.0 + 600 * 0.1, "refresh": 9.0,
                                    "proxy_reconstruction": 1.0, "evaluation": 4.0, "other": 1.0})
+    # a second measured round: every round's parts come from it (round 0 held first-use costs), the
+    # task-start parts from round 0
+    steady = extrapolate_round({"local_training": 12.0, "refresh": 2.0, "proxy_reconstruction": 1.0,
+                                "evaluation": 2.0}, {"local_training/training_steps": [10.0, 1, 1]}, other=0.5)
+    two = measured + [{"ext": steady, "task_start": False, "units": measured[0]["units"]}]
+    first, later = project_rounds(two, plans, ("prototype_encoding", "reconstruction"))
+    assert first == pytest.approx({"local_training": 2.0 + 6.0 + 10.0, "refresh": 2.0,
+                                   "proxy_reconstruction": 1.0 + 8.0, "evaluation": 2.0, "other": 0.5})
+    assert later["local_training"] == pytest.approx(3 * 1.0 + 600 * 0.05)
 
 
 def test_estimate_samples_loops_and_clients_and_marks_what_it_extrapolated(tmp_path, capsys):
