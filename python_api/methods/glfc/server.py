@@ -299,8 +299,9 @@ class GLFCServer:
         entropy passes packed into shared batches (same values; client.refresh_together). None: one by one."""
         if not self.cfg.client.refresh_together or len(messages) < 2:
             return None
-        if any(m.kind != "refresh" or m.payload["global_state"] is not messages[0].payload["global_state"]
-               for m in messages) or any(type(c) is not GLFCClient for c in clients):
+        if any(type(c) is not GLFCClient for c in clients) or any(   # the FCIL baselines' clients refresh their own way
+                m.kind != "refresh" or m.payload.get("global_state") is not messages[0].payload.get("global_state")
+                for m in messages):
             return None
         return refresh_together(clients, messages, rng_context)
 
