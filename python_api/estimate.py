@@ -14,6 +14,7 @@ encoding and reconstruction follow the entropy signal, which fires when a task's
 Kept apart from python_api/profiling.py (which methods import) because it drives the runner and engine."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -199,7 +200,7 @@ def estimate(method_name: str, cfg, rounds: int = None, sample_clients: int = 1,
         return transport
     start = time.perf_counter()
     with profiling.sampling(sample_batches, sample_seconds, sample_max_seconds) if sample_batches else \
-            _nullcontext():
+            contextlib.nullcontext():
         result = run_training(method_name, run_cfg, out_dir=out, engine=engine, verbose=False)
     wall = time.perf_counter() - start
     method = holder["method"]
@@ -289,14 +290,6 @@ def _table_rows(first: dict, full_round: dict, plan: dict) -> list:
     rows.append(("round (projected, top-level phases)", f"{record['round_time_s']:.2f}",
                  f"{sum(full_round.values()):.2f}", "with the round plan's units"))
     return rows
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _hms(seconds: float) -> str:
