@@ -47,9 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     est = sub.add_parser("estimate", help="time the phases of the first rounds, project the full run's cost")
     add_config_args(est)
-    est.add_argument("--rounds", type=int, default=1, help="rounds to measure (default 1)")
-    est.add_argument("--sample-clients", type=int, default=2,
-                     help="clients actually run per train/refresh send, scaled to all (0 = all; default 2)")
+    est.add_argument("--rounds", type=int, default=None,
+                     help="rounds to measure (default 1; 2 with run.workers > 1: round 0 warms the workers up)")
+    est.add_argument("--sample-clients", type=int, default=1,
+                     help="clients actually run per train/refresh send, scaled to all (0 = all; default 1)")
+    est.add_argument("--sample-batches", type=int, default=2,
+                     help="items run of every long loop (batches, steps), scaled to all (0 = all; default 2)")
+    est.add_argument("--sample-seconds", type=float, default=3.0,
+                     help="a batch loop goes on past --sample-batches until it has run this long (default 3)")
+    est.add_argument("--sample-max-seconds", type=float, default=10.0,
+                     help="... and stops after any batch once it has run this long (default 10)")
     est.add_argument("--out", "-o", default=None, help="run directory of the measured rounds (default: a temp dir)")
 
     show = sub.add_parser("show-config", help="print the resolved config as YAML")
@@ -153,7 +160,9 @@ def main(argv=None) -> int:
             from python_api.estimate import estimate
             args.no_progress = True
             spec, cfg = resolve_config(args)
-            estimate(spec.name, cfg, rounds=args.rounds, sample_clients=args.sample_clients, out_dir=args.out)
+            estimate(spec.name, cfg, rounds=args.rounds, sample_clients=args.sample_clients,
+                     sample_batches=args.sample_batches, sample_seconds=args.sample_seconds,
+                     sample_max_seconds=args.sample_max_seconds, out_dir=args.out)
             return 0
         if args.command == "compare-demo":
             from python_api.compare import compare_demo

@@ -59,6 +59,13 @@ class FederatedMethod(Protocol):
     summary(records) -> dict         the `summary` block of metrics.json
     write_plots(plot_dir, records, summary) -> list of written paths
     round_postfix(record) -> dict    short numbers for the progress bar
+    Optional:
+    round_plan(r) -> dict            {"task_start": bool, "units": {phase or "phase/loop": units}, "per_client":
+                                     {key: message kind}}: what round r asks of each phase (`fcl-ext estimate`)
+    TASK_START_PHASES                sub-phases that run only in task-start rounds (`fcl-ext estimate`)
+    handle_together(clients, messages, rng_context) -> replies | None
+                                     one send handled in one go by the in-process engine (same values as one
+                                     by one; GLFC packs the refreshes' entropy passes); None: one by one
     """
     num_rounds: int
 

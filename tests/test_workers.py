@@ -73,3 +73,70 @@ def test_flower_simulation_uses_the_same_streams(tmp_path):
                         num_supernodes=2)
     assert len(b.records) == len(a.records) == 3
     _close(a.records, b.records)
+
+
+@pytest.mark.parametrize("rng", ["sequential", "streams"])
+def test_refresh_together_gives_the_metrics_of_one_client_at_a_time(tmp_path, rng):
+    """Issue 14 item 5: the unselected clients' entropy passes packed into shared batches (client.refresh_together)
+    leave every metric, signal and exemplar choice as it was, in both RNG modes (the tiny run: 2 tasks, a client
+    joining, herding at the task change)."""
+    one = run_training("glfc", tiny_config(f"run.client_rng={rng}", "client.refresh_together=false"),
+                       out_dir=tmp_path / "one")
+    together = run_training("glfc", tiny_config(f"run.client_rng={rng}"), out_dir=tmp_path / "together")
+    assert _metrics(together) == _metrics(one)
+    assert [r["signals_total"] for r in together.records] == [r["signals_total"] for r in one.records]
+    assert sum(r["signals_total"] - r["signals_selected"] for r in one.records) > 0   # refreshed clients fired
+    # batches of 16 (3 per 48-image pass) in packs of 40: packs cross from one client's pass into the next's
+    small = [f"run.client_rng={rng}", "client.eval_batch_size=16"]
+    one_small = run_training("glfc", tiny_config(*small, "client.refresh_together=false"), out_dir=tmp_path / "os")
+    packed = run_training("glfc", tiny_config(*small, "client.refresh_pack_images=40"), out_dir=tmp_path / "packed")
+    assert _metrics(packed) == _metrics(one_small)
+    # every client's stored mean entropy (the signal's input) is the same float
+    import torch
+    states = [torch.load(r.run_dir / "checkpoints" / "last.pt", weights_only=False)["engine_state"]["clients"]
+              for r in (one, together, one_small, packed)]
+    entropies = [{cid: s["last_entropy"] for cid, s in clients.items()} for clients in states]
+    assert entropies[0] == entropies[1] and entropies[2] == entropies[3] and len(entropies[0]) == 5
+
+
+class _EchoClient:
+    def handle(self, message):
+        from python_api.messages import Message
+        return Message("echo", {"data": message.payload["data"] + 1})
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class _EchoMethod:
+    """Clients that send back a payload as large as the request's (a model state in a real method)."""
+    def __init__(self):
+        from types import SimpleNamespace
+        self.cfg = SimpleNamespace(run=SimpleNamespace(seed=0, client_rng="streams", workers=2))
+
+    def make_client(self, cid):
+        return _EchoClient()
+
+
+def test_workers_exchange_payloads_larger_than_a_pipe_buffer():
+    """Several requests per worker, each far over the pipe's buffer both ways: no deadlock, replies in order."""
+    import threading
+    import torch
+    from python_api.engine.inprocess import InProcessEngine
+    from python_api.messages import Message
+    engine = InProcessEngine(_EchoMethod(), progress=False)
+    messages = [Message("echo", {"data": torch.full((1 << 21,), float(i))}, dst=i) for i in range(6)]   # 8 MiB each
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("replies", engine.send(messages)), daemon=True)
+    thread.start()
+    thread.join(timeout=300)
+    try:
+        assert not thread.is_alive(), "send did not return: the parent and a worker block each other"
+        assert [float(r.payload["data"][0]) for r in out["replies"]] == [float(i + 1) for i in range(6)]
+        assert [r.src for r in out["replies"]] == list(range(6))
+    finally:
+        if not thread.is_alive():
+            engine.close()

@@ -99,31 +99,42 @@ class DeviceAugment:
     def test(self, images: torch.Tensor) -> torch.Tensor:
         return self.normalize(self.to_unit(images))
 
-    def augment_unit(self, x: torch.Tensor) -> torch.Tensor:
-        """Random crop/flip/brightness on [0,1] float images (no Normalize)."""
+    def draw(self, n: int, device) -> dict:
+        """The random numbers of augmenting n images (global RNG, in the order augment_unit draws them)."""
+        out = {}
+        if self.crop_padding > 0:
+            p = self.crop_padding
+            out["oy"] = torch.randint(0, 2 * p + 1, (n,), device=device)
+            out["ox"] = torch.randint(0, 2 * p + 1, (n,), device=device)
+        if self.hflip:
+            out["flip"] = torch.rand(n, device=device) < 0.5
+        if self.brightness > 0:
+            lo, hi = max(0.0, 1 - self.brightness), 1 + self.brightness
+            out["factor"] = torch.empty(n, device=device).uniform_(lo, hi)
+        return out
+
+    def augment_unit(self, x: torch.Tensor, drawn: dict = None) -> torch.Tensor:
+        """Random crop/flip/brightness on [0,1] float images (no Normalize); `drawn`: numbers from draw()."""
         n, c, h, w = x.shape
         dev = x.device
+        drawn = self.draw(n, dev) if drawn is None else drawn
         if self.crop_padding > 0:
             p = self.crop_padding
             padded = F.pad(x, (p, p, p, p))
-            oy = torch.randint(0, 2 * p + 1, (n,), device=dev)
-            ox = torch.randint(0, 2 * p + 1, (n,), device=dev)
+            oy, ox = drawn["oy"], drawn["ox"]
             rows = (oy.view(n, 1) + torch.arange(h, device=dev)).view(n, 1, h, 1)
             cols = (ox.view(n, 1) + torch.arange(w, device=dev)).view(n, 1, 1, w)
             batch = torch.arange(n, device=dev).view(n, 1, 1, 1)
             chan = torch.arange(c, device=dev).view(1, c, 1, 1)
             x = padded[batch, chan, rows, cols]
         if self.hflip:
-            flip = torch.rand(n, device=dev) < 0.5
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+            x = torch.where(drawn["flip"].view(n, 1, 1, 1), x.flip(-1), x)
         if self.brightness > 0:
-            lo, hi = max(0.0, 1 - self.brightness), 1 + self.brightness
-            factor = torch.empty(n, device=dev).uniform_(lo, hi)
-            x = (x * factor.view(n, 1, 1, 1)).clamp(0, 1)
+            x = (x * drawn["factor"].view(n, 1, 1, 1)).clamp(0, 1)
         return x
 
-    def train(self, images: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.augment_unit(self.to_unit(images)))
+    def train(self, images: torch.Tensor, drawn: dict = None) -> torch.Tensor:
+        return self.normalize(self.augment_unit(self.to_unit(images), drawn))
 
 
 def iterate_batches(n: int, batch_size: int, shuffle: bool, device="cpu", drop_last: bool = False):

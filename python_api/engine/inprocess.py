@@ -72,8 +72,11 @@ def _worker_loop(conn, engine, threads: int) -> None:
                 return
             if op == "handle":
                 profiling.pop_round()
-                out = engine._handle_one(arg)
-                out = (out, profiling.pop_round(with_counts=True))
+                profiling.pop_details()
+                message, parent_phases = arg
+                with profiling.nested_in(parent_phases):
+                    out = engine._handle_one(message)
+                out = (out, profiling.pop_round(with_counts=True), profiling.pop_details())
             elif op == "state":
                 out = {cid: engine.client(cid).state_dict() for cid in arg}
             elif op == "load":
@@ -103,8 +106,11 @@ class InProcessEngine:
         self._pool = None          # [(process, connection)] once started
         self._owner: dict = {}     # cid -> worker index (a client stays where it was first sent)
 
+    def _rng_context(self, message: Message):
+        return client_stream(self.seed, message) if self.streams else contextlib.nullcontext()
+
     def _handle_one(self, message: Message) -> Message:
-        with client_stream(self.seed, message) if self.streams else contextlib.nullcontext():
+        with self._rng_context(message):
             reply = self.client(message.dst).handle(message)
         reply.src = message.dst
         return reply
@@ -146,14 +152,29 @@ class InProcessEngine:
     def _send_parallel(self, messages: Sequence[Message]) -> list:
         if self._pool is None:
             self._start_workers()
-        owners = [self._worker_of(m.dst) for m in messages]
-        for m, w in zip(messages, owners):   # every request goes out first; each worker takes its own in order
-            self._ask(w, "handle", m)
-        replies = []
-        for w in owners:                      # a worker answers in the order it was asked
-            reply, (times, counts) = self._answer(w)
-            profiling.add(times, counts)
-            replies.append(reply)
+        from collections import deque
+        from multiprocessing.connection import wait
+        queues = [deque() for _ in range(self.workers)]   # each worker takes its own messages in request order
+        for position, m in enumerate(messages):
+            queues[self._worker_of(m.dst)].append(position)
+        stack = profiling.stack()
+        # One request in flight per worker: a request or reply larger than the pipe's buffer would otherwise
+        # block the parent writing the next request while that worker blocks writing its reply (deadlock).
+        asked = {}
+        for w, queue in enumerate(queues):
+            if queue:
+                asked[w] = queue.popleft()
+                self._ask(w, "handle", (messages[asked[w]], stack))
+        replies = [None] * len(messages)
+        while asked:
+            ready = wait([self._pool[w][1] for w in asked])
+            for w in [w for w in list(asked) if self._pool[w][1] in ready]:
+                reply, (times, counts), details = self._answer(w)
+                profiling.add(times, counts, details)
+                replies[asked.pop(w)] = reply
+                if queues[w]:
+                    asked[w] = queues[w].popleft()
+                    self._ask(w, "handle", (messages[asked[w]], stack))
         return replies
 
     def close(self) -> None:
@@ -175,7 +196,8 @@ class InProcessEngine:
 
     def client(self, cid: Hashable):
         if cid not in self.clients:
-            self.clients[cid] = self.method.make_client(cid)
+            with profiling.phase("client_setup", f"client {cid}"):   # once per client (FCCL: pretraining)
+                self.clients[cid] = self.method.make_client(cid)
         return self.clients[cid]
 
     def send(self, messages: Sequence[Message], desc: str = "") -> list:
@@ -186,6 +208,16 @@ class InProcessEngine:
                     self.messages_carried.append(("request", message.kind, message.dst, message.payload))
                     self.messages_carried.append(("reply", reply.kind, reply.src, reply.payload))
             return replies
+        together = getattr(self.method, "handle_together", None)   # e.g. GLFC: refreshes in shared batches
+        if together is not None and len(messages) > 1:
+            replies = together([self.client(m.dst) for m in messages], list(messages), self._rng_context)
+            if replies is not None:
+                for message, reply in zip(messages, replies):
+                    reply.src = message.dst
+                    if self.audit:
+                        self.messages_carried.append(("request", message.kind, message.dst, message.payload))
+                        self.messages_carried.append(("reply", reply.kind, reply.src, reply.payload))
+                return replies
         iterator = messages
         if self.progress and len(messages) > 1:
             from tqdm.auto import tqdm

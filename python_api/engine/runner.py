@@ -119,6 +119,7 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
         bar = tqdm(bar, desc=f"{method_name} rounds", initial=start_round, total=method.num_rounds,
                    unit="round", dynamic_ncols=True)
     profiling.pop_round()   # phase times of the setup do not belong to round 0
+    profiling.pop_details()
     for r in bar:
         t0 = time.perf_counter()
         try:
@@ -132,7 +133,9 @@ def run_training(method_name: str, cfg, out_dir=None, resume: bool = False, engi
             raise
         record.setdefault("round", r)
         record["round_time_s"] = time.perf_counter() - t0
-        phases = profiling.pop_round()
+        phases, details = profiling.pop_round(), profiling.pop_details()
+        if profiling.sample_limit() is not None:   # `fcl-ext estimate`: what was cut, to scale it back
+            record["phase_paths_s"], record["phase_samples"] = details["paths"], details["loops"]
         if phases:   # the non-overlapping phases, and the rest of the round as "other"
             top = sum(v for k, v in phases.items() if k in profiling.TOP_LEVEL)
             phases["other"] = round(max(record["round_time_s"] - top, 0.0), 4)

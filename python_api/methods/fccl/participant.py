@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from python_api import profiling
 from python_api.data.domains import DomainData, normalise
 from python_api.messages import Message
 
@@ -186,7 +188,8 @@ class FCCLParticipant:
         top1, topk = {}, {}
         for test in self.test_sets:
             correct1 = correctk = 0
-            for start in range(0, len(test.test_labels), batch_size):   # per batch: SVHN's test set is 26k
+            starts = range(0, len(test.test_labels), batch_size)
+            for start in profiling.batches("batches", starts, len(starts)):   # per batch: SVHN's test set is 26k
                 x = normalise(test.test_images[start:start + batch_size].to(self.device), test.mean, test.std)
                 y = test.test_labels[start:start + batch_size].to(self.device)
                 logits = network(x)
@@ -250,35 +253,40 @@ class FCCLParticipant:
     def _on_local_update(self, round: int = 0, batch_size: int = 512, distill: bool = True) -> dict:
         """CE + KL(frozen) + KL(prev), Adam created once per round (utils_idea.py:218-252); then prev <- net."""
         m = self.method
-        intra = self._teacher_logits(self.frozen) if distill and m.intra_weight else None
-        inter = self._teacher_logits(self.prev) if distill and m.inter_weight else None
+        with profiling.phase("distillation"):   # the teachers' logits; the KD terms are part of every step
+            intra = self._teacher_logits(self.frozen) if distill and m.intra_weight else None
+            inter = self._teacher_logits(self.prev) if distill and m.inter_weight else None
         optimizer = torch.optim.Adam(self.net.parameters(), lr=m.local_lr)
         self.net.train()
         total, steps = 0.0, 0
         start = {k: v.detach().clone() for k, v in self.net.state_dict().items()}   # put back on a non-finite loss
-        for epoch in range(self.local_epochs):
-            for rows in torch.randperm(len(self.train_y), generator=self.generator).split(batch_size):
-                rows = rows.to(self.device)
-                logits = self.net(self.train_x[rows])
-                if distill:
-                    loss = self.dual_distillation_loss(
-                        logits, self.train_y[rows], None if intra is None else intra[rows],
-                        None if inter is None else inter[rows], temperature=m.temperature,
-                        intra_weight=m.intra_weight, inter_weight=m.inter_weight,
-                        temperature_squared=m.temperature_squared)
-                else:
-                    loss = F.cross_entropy(logits, self.train_y[rows])
-                if not torch.isfinite(loss.detach()):   # issue 17: this round's local update is undone
-                    self.net.load_state_dict(start)
-                    self.prev = _frozen_copy(self.net)
-                    self._round_optimizer = None
-                    term = self._nonfinite_term(logits, self.train_y[rows], intra, inter, rows)
-                    return {"loss": float("nan"), "steps": steps,
-                            "nonfinite": {"term": term, "where": f"local update, epoch {epoch}, step {steps}"}}
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, steps = total + float(loss.detach()), steps + 1
+        def epoch_batches():
+            for epoch in range(self.local_epochs):
+                for rows in torch.randperm(len(self.train_y), generator=self.generator).split(batch_size):
+                    yield epoch, rows
+        total_steps = self.local_epochs * math.ceil(len(self.train_y) / batch_size)
+        for epoch, rows in profiling.batches("training_steps", epoch_batches(), total_steps):
+            rows = rows.to(self.device)
+            logits = self.net(self.train_x[rows])
+            if distill:
+                loss = self.dual_distillation_loss(
+                    logits, self.train_y[rows], None if intra is None else intra[rows],
+                    None if inter is None else inter[rows], temperature=m.temperature,
+                    intra_weight=m.intra_weight, inter_weight=m.inter_weight,
+                    temperature_squared=m.temperature_squared)
+            else:
+                loss = F.cross_entropy(logits, self.train_y[rows])
+            if not torch.isfinite(loss.detach()):   # issue 17: this round's local update is undone
+                self.net.load_state_dict(start)
+                self.prev = _frozen_copy(self.net)
+                self._round_optimizer = None
+                term = self._nonfinite_term(logits, self.train_y[rows], intra, inter, rows)
+                return {"loss": float("nan"), "steps": steps,
+                        "nonfinite": {"term": term, "where": f"local update, epoch {epoch}, step {steps}"}}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + float(loss.detach()), steps + 1
         self.prev = _frozen_copy(self.net)   # FCCL.py:267-268, after the local update
         self._round_optimizer = None
         return {"loss": total / max(1, steps), "steps": steps}

@@ -12,11 +12,13 @@ reference (evaluation_generalization.py "Evaluate Original"), reported in the su
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Hashable, Optional
 
 import torch
 
+from python_api import profiling
 from python_api.data.domains import augment_public
 from python_api.messages import Message
 from python_api.methods.fccl.data import build_domains, check_splits, pretrain_domains
@@ -103,6 +105,10 @@ class FCCLServer:
                                model=self.cfg.model)
 
     def _evaluate(self, transport, model: str = "net") -> dict:
+        with profiling.phase("evaluation", f"({model})"):
+            return self._evaluate_all(transport, model)
+
+    def _evaluate_all(self, transport, model: str) -> dict:
         replies = transport.send([Message("evaluate", {"model": model, "top_k": self.cfg.fccl.top_k,
                                                          "batch_size": self.cfg.data.eval_batch_size}, dst=i)
                                   for i in self.ids], desc=f"evaluate {model}")
@@ -127,33 +133,39 @@ class FCCLServer:
         loss = "l1" if m.algorithm == "fedmd" else "cross_correlation"
         losses = [[] for _ in self.ids]
         last_logits = None
-        for _ in range(m.public_epochs):
-            for rows in self._public_batches():
-                images = augment_public(self.public, self.public_images[rows.to(self.device)],
-                                        self.public_generator)
-                replies = transport.send([Message("public_logits", {"images": images}, dst=i) for i in self.ids],
-                                         desc="public logits")
-                # Replies are matched by sender: a participant that failed or timed out sits this
-                # step out, and the others align with whoever answered.
-                got = {r.src: r.payload["logits"] for r in replies
-                       if self._guard.ok(r.src, r.payload, {"public logits": r.payload["logits"]})}
-                live = [i for i in self.ids if i in got]
-                if len(live) < 2:
-                    continue
-                logits = [got[i] for i in live]
-                if len(logits) > 8:
-                    total = torch.stack(logits).sum(0)
-                    others = {i: total - got[i] for i in live}
-                else:
-                    others = {i: sum(got[k] for k in live if k != i) for i in live}
-                replies = transport.send([Message("collaborate", {"others_sum": others[i], "count": len(live),
-                                                                  "mode": mode, "loss": loss}, dst=i)
-                                          for i in live], desc="collaborate")
-                for r in replies:
-                    if self._guard.ok(r.src, r.payload, {}):   # a skipped step leaves no loss value
-                        losses[r.src].append(r.payload["loss"])
-                if len(live) == len(self.ids):
-                    last_logits = logits
+        d = self.cfg.data
+        per_epoch = len(self.public_images) // min(d.public_batch_size, len(self.public_images)) if d.public_drop_last \
+            else math.ceil(len(self.public_images) / min(d.public_batch_size, len(self.public_images)))
+
+        def public_steps():
+            for _ in range(m.public_epochs):
+                yield from self._public_batches()
+        for rows in profiling.batches("public_batches", public_steps(), m.public_epochs * per_epoch):
+            images = augment_public(self.public, self.public_images[rows.to(self.device)],
+                                    self.public_generator)
+            replies = transport.send([Message("public_logits", {"images": images}, dst=i) for i in self.ids],
+                                     desc="public logits")
+            # Replies are matched by sender: a participant that failed or timed out sits this
+            # step out, and the others align with whoever answered.
+            got = {r.src: r.payload["logits"] for r in replies
+                   if self._guard.ok(r.src, r.payload, {"public logits": r.payload["logits"]})}
+            live = [i for i in self.ids if i in got]
+            if len(live) < 2:
+                continue
+            logits = [got[i] for i in live]
+            if len(logits) > 8:
+                total = torch.stack(logits).sum(0)
+                others = {i: total - got[i] for i in live}
+            else:
+                others = {i: sum(got[k] for k in live if k != i) for i in live}
+            replies = transport.send([Message("collaborate", {"others_sum": others[i], "count": len(live),
+                                                              "mode": mode, "loss": loss}, dst=i)
+                                      for i in live], desc="collaborate")
+            for r in replies:
+                if self._guard.ok(r.src, r.payload, {}):   # a skipped step leaves no loss value
+                    losses[r.src].append(r.payload["loss"])
+            if len(live) == len(self.ids):
+                last_logits = logits
         if last_logits is not None:
             n = len(self.ids)
             self.correlations.append(torch.stack([
@@ -167,12 +179,17 @@ class FCCLServer:
         self._guard = NonFiniteGuard(self.cfg.run.on_nonfinite, round_idx)   # issue 17: stop or skip
         if self.solo is None and m.evaluate_solo:
             self.solo = self._evaluate(transport, "frozen")
-        collab = self._collaborate(transport) if m.algorithm in ("fccl", "fedmd") else {"collab_loss": []}
+        if m.algorithm in ("fccl", "fedmd"):
+            with profiling.phase("public_alignment", f"round {round_idx}"):
+                collab = self._collaborate(transport)
+        else:
+            collab = {"collab_loss": []}
         collab_time = time.perf_counter() - start
-        replies = transport.send([Message("local_update", {"round": round_idx,
-                                                           "batch_size": self.cfg.data.private_batch_size,
-                                                           "distill": m.algorithm == "fccl"}, dst=i)
-                                  for i in self.ids], desc="local update")
+        with profiling.phase("local_training", f"round {round_idx}"):
+            replies = transport.send([Message("local_update", {"round": round_idx,
+                                                               "batch_size": self.cfg.data.private_batch_size,
+                                                               "distill": m.algorithm == "fccl"}, dst=i)
+                                      for i in self.ids], desc="local update")
         local_time = time.perf_counter() - start - collab_time
         evaluation = self._evaluate(transport)
         local_loss = {r.src: r.payload["loss"] for r in replies if self._guard.ok(r.src, r.payload, {})}
@@ -198,6 +215,12 @@ class FCCLServer:
         record["accuracy_top1"] = top1["per_domain"]      # participant x domain
         record[f"accuracy_top{k}"] = topk["per_domain"]
         return record
+
+    def round_plan(self, r: int) -> dict:
+        """What round r asks of each phase (`fcl-ext estimate`): the same every round, except that round 0
+        also evaluates the pretrained models (the SOLO baseline)."""
+        solo = r == 0 and self.cfg.fccl.evaluate_solo
+        return {"task_start": r == 0, "units": {"evaluation": 2 if solo else 1}}
 
     # ------------------------------------------------------------------ results
     def summary(self, records: list) -> dict:

@@ -15,6 +15,7 @@ own images (entropy, herding, prototype features, perturbation, encoding) runs h
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Optional
 
@@ -27,8 +28,8 @@ from python_api import profiling
 from python_api.messages import Message
 from python_api.methods.glfc import privacy
 
-__all__ = ["GLFCClient", "lr_for_epoch", "herding_selection", "choose_old_model", "UPDATE_KEYS", "REFRESHED_KEYS",
-           "AUDIT_KEYS"]
+__all__ = ["GLFCClient", "lr_for_epoch", "herding_selection", "choose_old_model", "refresh_together", "UPDATE_KEYS",
+           "REFRESHED_KEYS", "AUDIT_KEYS"]
 
 # What a client may send (the privacy audit test checks every reply against these lists).
 UPDATE_KEYS = frozenset({"state", "num_samples", "signal", "loss", "proto_grads", "old_model_id"})
@@ -164,22 +165,33 @@ class GLFCClient:
     def current_indices(self) -> torch.Tensor:
         return torch.cat([self.ctx.class_indices[c] for c in self.current_class])
 
+    def entropy_batches(self) -> list:
+        """The entropy pass's batches: (image indices, their augmentation's random numbers), drawn from the
+        global RNG as the pass uses them (the reference applies train_transform here; the forward in eval
+        mode draws nothing, so drawing first changes no number)."""
+        ctx = self.ctx
+        idx = self.current_indices()
+        return [(idx[b], ctx.aug.draw(len(b), ctx.device))
+                for b in iterate_batches(len(idx), ctx.cfg.client.eval_batch_size, shuffle=False, device=ctx.device)]
+
+    def batch_entropy(self, logits) -> float:
+        return float(fcl_ext.ops.softmax_entropy(logits.float(), reduction="sum", eps=self.ctx.cfg.client.entropy_eps))
+
     @torch.no_grad()
     def mean_entropy(self, model) -> float:
         ctx = self.ctx
-        idx = self.current_indices()
         model.eval()
         total, count = 0.0, 0
-        for b in iterate_batches(len(idx), ctx.cfg.client.eval_batch_size, shuffle=False, device=ctx.device):
-            x = ctx.aug.train(ctx.train.images[idx[b]])      # the reference applies train_transform here
-            h = fcl_ext.ops.softmax_entropy(model(x).float(), reduction="sum", eps=ctx.cfg.client.entropy_eps)
-            total += float(h)
-            count += len(b)
+        batches = self.entropy_batches()
+        for ids, drawn in profiling.batches("batches", batches, len(batches)):
+            total += self.batch_entropy(model(ctx.aug.train(ctx.train.images[ids], drawn)))
+            count += len(ids)
         return total / max(count, 1)
 
-    def update_new_set(self, model) -> None:
+    def update_new_set(self, model, mean_entropy: Optional[float] = None) -> None:
+        """Entropy signal and exemplar update; `mean_entropy` when the pass already ran (refresh_together)."""
         with profiling.phase("entropy"):
-            h = self.mean_entropy(model)
+            h = self.mean_entropy(model) if mean_entropy is None else mean_entropy
         self.signal = (h - self.last_entropy) > self.ctx.cfg.client.entropy_threshold
         self.last_entropy = h
         new_classes = self.last_class
@@ -211,8 +223,9 @@ class GLFCClient:
             out = model.features(ctx.aug.test(ctx.train.images[idx]))
         else:
             model.eval()
-            out = torch.cat([model.features(ctx.aug.test(ctx.train.images[idx[b]]))
-                             for b in iterate_batches(len(idx), ctx.cfg.client.eval_batch_size, False, ctx.device)])
+            bs = ctx.cfg.client.eval_batch_size
+            out = torch.cat([model.features(ctx.aug.test(ctx.train.images[idx[b]])) for b in profiling.batches(
+                "batches", iterate_batches(len(idx), bs, False, ctx.device), math.ceil(len(idx) / bs))])
         model.train(was_training)
         return out
 
@@ -238,30 +251,35 @@ class GLFCClient:
         model.train()
         lrs = lr_for_epoch(cfg, round_idx, ctx.cfg.federated.rounds_per_task, cfg.local_epochs)
         loss_sum, steps = 0.0, 0
-        for epoch in range(cfg.local_epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = lrs[epoch]
-            for b in iterate_batches(len(idx), cfg.batch_size, shuffle=True, device=ctx.device):
-                x = ctx.aug.train(ctx.train.images[idx[b]])
-                y = labels[b]
-                logits = model(x)
-                old_logits = None
-                if old_model is not None:
-                    if cfg.old_model_no_grad:
-                        with torch.no_grad():
-                            old_logits = old_model(x)
-                    else:
+
+        def epoch_batches():
+            for epoch in range(cfg.local_epochs):
+                for group in optimizer.param_groups:
+                    group["lr"] = lrs[epoch]
+                for b in iterate_batches(len(idx), cfg.batch_size, shuffle=True, device=ctx.device):
+                    yield epoch, b
+        total_steps = cfg.local_epochs * math.ceil(len(idx) / cfg.batch_size)
+        for epoch, b in profiling.batches("training_steps", epoch_batches(), total_steps):
+            x = ctx.aug.train(ctx.train.images[idx[b]])
+            y = labels[b]
+            logits = model(x)
+            old_logits = None
+            if old_model is not None:
+                if cfg.old_model_no_grad:
+                    with torch.no_grad():
                         old_logits = old_model(x)
-                loss = loss_fn(logits, y, old_mask, old_logits, gc_weight=cfg.gc_weight, rd_weight=cfg.rd_weight)
-                if not torch.isfinite(loss.detach()):   # no step on it: the weights keep their last finite values
-                    self.nonfinite = {"term": self.nonfinite_term(logits, y, old_mask, old_logits),
-                                      "where": f"local epoch {epoch}, step {steps}"}
-                    return float("nan"), int(len(idx))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach())
-                steps += 1
+                else:
+                    old_logits = old_model(x)
+            loss = loss_fn(logits, y, old_mask, old_logits, gc_weight=cfg.gc_weight, rd_weight=cfg.rd_weight)
+            if not torch.isfinite(loss.detach()):   # no step on it: the weights keep their last finite values
+                self.nonfinite = {"term": self.nonfinite_term(logits, y, old_mask, old_logits),
+                                  "where": f"local epoch {epoch}, step {steps}"}
+                return float("nan"), int(len(idx))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach())
+            steps += 1
         return loss_sum / max(steps, 1), int(len(idx))
 
     def nonfinite_term(self, logits, labels, old_mask, old_logits) -> str:
@@ -284,12 +302,17 @@ class GLFCClient:
     def prototype_gradients(self, model, num_classes: int) -> dict:
         ctx, cfg = self.ctx, self.ctx.cfg.client
         protos, feat_var = [], []
-        for c in self.current_class:
-            idx = ctx.class_indices[c]
-            feats = F.normalize(self.class_features(model, idx, train_mode=cfg.prototype_train_mode).double(), dim=1)
-            mu = feats.mean(0)
-            protos.append(idx[int(torch.linalg.vector_norm(mu - feats, dim=1).argmin())])
-            feat_var.append(feats.var(0, unbiased=True) if len(idx) > 1 else torch.zeros_like(mu))
+        with profiling.loop("classes", len(self.current_class)) as measured:
+            for c in self.current_class[:measured]:
+                idx = ctx.class_indices[c]
+                feats = F.normalize(self.class_features(model, idx, train_mode=cfg.prototype_train_mode).double(),
+                                    dim=1)
+                mu = feats.mean(0)
+                protos.append(idx[int(torch.linalg.vector_norm(mu - feats, dim=1).argmin())])
+                feat_var.append(feats.var(0, unbiased=True) if len(idx) > 1 else torch.zeros_like(mu))
+        for c in self.current_class[measured:]:   # only while an estimate samples: stand-ins, so K stays as in full
+            protos.append(ctx.class_indices[c][0])
+            feat_var.append(torch.zeros_like(feat_var[0]))
         model.eval()
         labels = torch.tensor(self.current_class, dtype=torch.long, device=ctx.device)
         x0 = ctx.train.images[torch.stack(protos)].float() / 255.0          # [K, C, H, W] in [0, 1]
@@ -321,8 +344,8 @@ class GLFCClient:
                     f0 = F.normalize(model.features(net_input(x0)), dim=1)
                     target_f = f0 + torch.randn_like(f0) * (cfg.gaussian_gamma * feat_var.to(f0)).sqrt()
             onehot = F.one_hot(labels, num_classes).float()
-            with torch.enable_grad():
-                for _ in range(cfg.perturb_steps):
+            with torch.enable_grad(), profiling.loop("perturb_steps", cfg.perturb_steps) as steps:
+                for _ in range(steps):
                     if cfg.perturbation == "descent":
                         per_image = F.binary_cross_entropy_with_logits(model(net_input(x)), onehot,
                                                                        reduction="none").mean(1)
@@ -336,3 +359,46 @@ class GLFCClient:
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)
+
+
+@torch.no_grad()
+def refresh_together(clients: list, messages: list, rng_context) -> list:
+    """The refresh of several unselected clients with their entropy passes packed into shared batches.
+
+    Every refreshed client gets the same global model in eval mode, where an image's logits do not depend
+    on the other images of its batch: the clients' batches (each at most eval_batch_size images) are packed
+    into forwards of up to eval_batch_size images, and each client's entropy is summed over its own batches
+    in its own order, so the values equal one client after another. Each client draws its augmentation in
+    its own RNG context (`rng_context(message)`: its stream, or the running global RNG in request order),
+    in the order the clients would have drawn it; the signal and herding follow per client."""
+    ctx = clients[0].ctx
+    first = messages[0].payload
+    with profiling.phase("refresh", f"{len(clients)} clients together, round {first.get('round')}"):
+        model = ctx.load_working_model(first["global_state"], first["num_classes"])
+        plans = []
+        for client, message in zip(clients, messages):
+            with rng_context(message):
+                client.before_train(message.payload["task"], message.payload["group"])
+                plans.append(client.entropy_batches())
+        chunks = [(i, ids, drawn) for i, plan in enumerate(plans) for ids, drawn in plan]
+        packs, size = [], ctx.cfg.client.refresh_pack_images or ctx.cfg.client.eval_batch_size
+        for chunk in chunks:   # consecutive chunks, up to eval_batch_size images per forward
+            if packs and sum(len(c[1]) for c in packs[-1]) + len(chunk[1]) <= size:
+                packs[-1].append(chunk)
+            else:
+                packs.append([chunk])
+        totals, counts = [0.0] * len(clients), [0] * len(clients)
+        with profiling.phase("entropy"):
+            model.eval()
+            for pack in profiling.batches("batches", packs, len(packs)):
+                ids = torch.cat([c[1] for c in pack])
+                drawn = {k: torch.cat([c[2][k] for c in pack]) for k in pack[0][2]}
+                logits = model(ctx.aug.train(ctx.train.images[ids], drawn))
+                for (i, chunk_ids, _), part in zip(pack, logits.split([len(c[1]) for c in pack])):
+                    totals[i] += clients[i].batch_entropy(part)
+                    counts[i] += len(chunk_ids)
+        replies = []
+        for i, client in enumerate(clients):
+            client.update_new_set(model, totals[i] / max(counts[i], 1))
+            replies.append(Message("refreshed", {"signal": client.signal}))
+        return replies

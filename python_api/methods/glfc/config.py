@@ -66,6 +66,10 @@ class ClientConfig:
                                             # stats): entropy_signal ends with model.train() (GLFC.py:185) before herding
     bn_stats_after_upload: bool = True      # reference (§4.2-8): the prototype pass alters the uploaded BN stats
     eval_batch_size: int = 500
+    refresh_together: bool = True           # unselected clients' entropy passes packed into shared batches (same
+                                            # values: one global model in eval mode); false: one client at a time
+    refresh_pack_images: int = 0            # images per packed forward (0 = eval_batch_size); larger packs keep a
+                                            # GPU busy, values are the same whatever it is
 
 
 @dataclass

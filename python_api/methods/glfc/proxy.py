@@ -11,11 +11,14 @@ Snapshots are immutable dicts {"id", "num_classes", "state"}; clients hold them 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from typing import Optional
 
 import torch
 
+from python_api import profiling
 from python_api.data import iterate_batches
 from python_api.methods.glfc import privacy
 from python_api.metrics import psnr, top1_accuracy
@@ -64,7 +67,13 @@ class ProxyServer:
                 torch.arange(pool.shape[0], device=pool.device)
             pool = pool[order]
             labels = privacy.recover(ctx.encoder, pool)
-            iterates, _losses = privacy.reconstruct(ctx.encoder, pool, labels, cfg, ctx.image_shape)
+            with profiling.phase("reconstruction"), profiling.loop("steps", cfg.steps) as steps:
+                run_cfg = cfg if steps == cfg.steps else dataclasses.replace(cfg, steps=steps)
+                iterates, _losses = privacy.reconstruct(ctx.encoder, pool, labels, run_cfg, ctx.image_shape)
+            keep_full = max(1, min(cfg.keep_last, cfg.steps))
+            if iterates.shape[1] < keep_full:   # only while an estimate samples: the monitor set keeps its full size
+                iterates = torch.cat([iterates, iterates[:, -1:].expand(-1, keep_full - iterates.shape[1],
+                                                                         *iterates.shape[2:])], 1)
             k, keep = iterates.shape[:2]
             self.monitor_images = pixels_to_uint8(iterates.reshape(k * keep, *iterates.shape[2:]), cfg.pixel_wrap)
             self.monitor_labels = labels.repeat_interleave(keep)
@@ -82,7 +91,8 @@ class ProxyServer:
                 gallery.update(truth=truth, true_labels=audit["labels"][order])
             self.gallery = {key: v.detach().cpu() for key, v in gallery.items()}
         if self.monitor_images is not None:
-            acc = self.monitor_accuracy(global_state, num_classes)
+            with profiling.phase("monitor_evaluation"):
+                acc = self.monitor_accuracy(global_state, num_classes)
             info["monitor_accuracy"] = acc
             if acc >= self.best_perf:
                 self.best_perf = acc
@@ -103,7 +113,9 @@ class ProxyServer:
         n = self.monitor_images.shape[0]
         drop_last = n >= cfg.monitor_batch_size
         correct = total = 0
-        for b in iterate_batches(n, cfg.monitor_batch_size, shuffle=True, device=ctx.device, drop_last=drop_last):
+        batches = (n // cfg.monitor_batch_size) if drop_last else math.ceil(n / cfg.monitor_batch_size)
+        for b in profiling.batches("batches", iterate_batches(n, cfg.monitor_batch_size, shuffle=True,
+                                                              device=ctx.device, drop_last=drop_last), batches):
             imgs = self.monitor_images[b]
             x = ctx.aug.train(imgs) if cfg.monitor_transform == "train_aug" else ctx.aug.test(imgs)
             pred = model(x).argmax(1)

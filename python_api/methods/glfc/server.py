@@ -26,7 +26,7 @@ from python_api.metrics import (average_incremental_accuracy, backward_transfer,
 from python_api.models import IncrementalNet, build_model
 from python_api.nonfinite import NonFiniteGuard
 from python_api.methods.glfc import privacy
-from python_api.methods.glfc.client import GLFCClient
+from python_api.methods.glfc.client import GLFCClient, refresh_together
 from python_api.methods.glfc.proxy import ProxyServer
 
 __all__ = ["GLFCServer", "GLFCContext", "fedavg", "resolve_loss", "PSNR_PRIVACY_NOTICE", "TRAIN_KEYS", "REFRESH_KEYS"]
@@ -278,7 +278,9 @@ class GLFCServer:
         idx = torch.nonzero(self.test.labels < seen).flatten()
         correct_per_class = torch.zeros(seen, dtype=torch.long, device=self.device)
         count_per_class = torch.zeros(seen, dtype=torch.long, device=self.device)
-        for b in iterate_batches(len(idx), self.cfg.client.eval_batch_size, False, self.device):
+        bs = self.cfg.client.eval_batch_size
+        for b in profiling.batches("batches", iterate_batches(len(idx), bs, False, self.device),
+                                   math.ceil(len(idx) / bs)):
             y = self.test.labels[idx[b]]
             pred = predict(self.ctx.aug.test(self.test.images[idx[b]]))
             correct_per_class += torch.bincount(y[pred == y], minlength=seen)
@@ -291,6 +293,41 @@ class GLFCServer:
         return {"accuracy": acc(0, seen), "old_accuracy": acc(0, task * ts) if task > 0 else None,
                 "new_accuracy": acc(task * ts, seen),
                 "per_task_accuracy": [acc(j * ts, (j + 1) * ts) for j in range(task + 1)]}
+
+    def handle_together(self, clients: list, messages: list, rng_context):
+        """The engine's hook for a send handled in one go: the refresh of unselected clients with their
+        entropy passes packed into shared batches (same values; client.refresh_together). None: one by one."""
+        if not self.cfg.client.refresh_together or len(messages) < 2:
+            return None
+        if any(type(c) is not GLFCClient for c in clients) or any(   # the FCIL baselines' clients refresh their own way
+                m.kind != "refresh" or m.payload.get("global_state") is not messages[0].payload.get("global_state")
+                for m in messages):
+            return None
+        return refresh_together(clients, messages, rng_context)
+
+    # ---- cost model (`fcl-ext estimate`) -------------------------------------------------
+    # Run only when the entropy signal fires, i.e. in a task's first round (new classes raise the entropy).
+    TASK_START_PHASES = ("prototype_encoding", "herding", "reconstruction")
+
+    def round_plan(self, r: int) -> dict:
+        """What round r asks of each phase (python_api/estimate.py scales the measured seconds per unit):
+        clients trained and refreshed, test classes evaluated, and the images of the selected clients'
+        training sets (their current classes, plus the exemplar memory from task 1 on for the clients that
+        were not new at that task)."""
+        f, c = self.cfg.federated, self.cfg.client
+        task = min(r // f.rounds_per_task, f.num_tasks - 1)
+        clients = f.initial_clients + task * self.new_clients_per_task
+        per_class = sum(len(i) for i in self.ctx.class_indices) / max(len(self.ctx.class_indices), 1)
+        images = self.ctx.classes_per_client * per_class
+        if task > 0:
+            images += c.memory_size * (1 - self.new_clients_per_task / clients)
+        return {"task_start": r % f.rounds_per_task == 0,
+                "units": {"local_training": f.clients_per_round, "refresh": max(clients - f.clients_per_round, 0),
+                          "local_training/training_steps": f.clients_per_round * images,
+                          "evaluation": (task + 1) * self.stream.task_size,
+                          # the problems: the prototypes of the selected clients whose signal fired
+                          "proxy_reconstruction/reconstruction": f.clients_per_round},
+                "per_client": {"proxy_reconstruction/reconstruction": "train"}}
 
     # ---- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
