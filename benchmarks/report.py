@@ -160,6 +160,9 @@ def regenerate(docs: Path):
                   ""]
         for path in profiles:  # demote the profile's own headings under this section
             lines += [("##" + l) if l.startswith("#") else l for l in path.read_text().strip().splitlines()] + [""]
+    phases = docs / "perf" / "PHASES.md"   # hand-written: phase times of whole runs (fcl-ext estimate)
+    if phases.exists():
+        lines += [phases.read_text().strip(), ""]
     (docs / "performance.md").write_text("\n".join(lines).rstrip() + "\n")
 
 
