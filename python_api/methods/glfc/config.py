@@ -66,6 +66,9 @@ class ClientConfig:
                                             # stats): entropy_signal ends with model.train() (GLFC.py:185) before herding
     bn_stats_after_upload: bool = True      # reference (§4.2-8): the prototype pass alters the uploaded BN stats
     eval_batch_size: int = 500
+    max_images_per_class: Optional[int] = None   # cost cut for smoke tests, not a method setting: clients use only
+                                            # the first N training images of each class (training, entropy, herding,
+                                            # prototypes); null = every image (the reference)
 
 
 @dataclass
@@ -251,6 +254,8 @@ class GLFCConfig:
                               f"{self.proxy.tolerance_grad} / {self.proxy.tolerance_change}")
         if self.proxy.encoder_num_classes is not None and self.proxy.encoder_num_classes < 1:
             raise ConfigError(f"proxy.encoder_num_classes: must be >= 1 or null, got {self.proxy.encoder_num_classes}")
+        if self.client.max_images_per_class is not None and self.client.max_images_per_class < 1:
+            raise ConfigError(f"client.max_images_per_class: must be >= 1 or null, got {self.client.max_images_per_class}")
         if self.client.client_class_fraction is not None and not 0 < self.client.client_class_fraction <= 1:
             raise ConfigError(f"client.client_class_fraction: must be in (0, 1], got {self.client.client_class_fraction}")
 
