@@ -12,7 +12,6 @@ reference (evaluation_generalization.py "Evaluate Original"), reported in the su
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Hashable, Optional
 
@@ -64,6 +63,7 @@ def intra_inter(accuracies: list, key: str, own_domains: Optional[list] = None) 
 def evenly_spaced_tests(domain, count: Optional[int]):
     """`domain` with at most `count` of its test images, evenly spaced over the test set (class-ordered test
     sets keep every class); the domain itself when count is None or covers the whole set."""
+    import dataclasses
     n = len(domain.test_labels)
     if count is None or count >= n:
         return domain

@@ -49,6 +49,9 @@ class ClientConfig:
                                             # again (the reference double-counts them, §4.2-12)
     classes_per_client: int = 6             # the reference's hard-coded 6 (§4.2-4)
     client_class_fraction: Optional[float] = None   # if set: round(fraction·task_size) classes (LGA: 0.6; T=20 runs)
+    max_images_per_class: Optional[int] = None   # cost cut for smoke tests, not a method setting: clients use only
+                                            # the first N training images of each class (training, entropy, herding,
+                                            # prototypes); null = every image (the reference)
     entropy_threshold: float = 1.2
     entropy_eps: float = 1e-5
     loss_backend: str = "auto"              # fcl_ext (fused ops) | reference (pure PyTorch twins) | auto (fcl_ext if built)
@@ -66,9 +69,6 @@ class ClientConfig:
                                             # stats): entropy_signal ends with model.train() (GLFC.py:185) before herding
     bn_stats_after_upload: bool = True      # reference (§4.2-8): the prototype pass alters the uploaded BN stats
     eval_batch_size: int = 500
-    max_images_per_class: Optional[int] = None   # cost cut for smoke tests, not a method setting: clients use only
-                                            # the first N training images of each class (training, entropy, herding,
-                                            # prototypes); null = every image (the reference)
 
 
 @dataclass
