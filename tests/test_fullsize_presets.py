@@ -139,11 +139,11 @@ class GLFCCase:
 
 
 GLFC_CASES = [
-    GLFCCase("glfc-cifar100-t5", "cifar100", 50000, 10000, 32, 20, 4000),
-    GLFCCase("glfc-cifar100-t10", "cifar100", 50000, 10000, 32, 10, 4000),
-    GLFCCase("glfc-cifar100-t20", "cifar100", 50000, 10000, 32, 5, 4000),
-    GLFCCase("glfc-tiny-imagenet", "tiny-imagenet", 90000, 10000, 64, 20, 6000),
-    GLFCCase("glfc-mini-imagenet", "mini-imagenet", 50000, 10000, 84, 10, 6000),
+    GLFCCase("glfc-cifar100-t5", "cifar100", 50000, 10000, 32, 20, 3000),
+    GLFCCase("glfc-cifar100-t10", "cifar100", 50000, 10000, 32, 10, 3000),
+    GLFCCase("glfc-cifar100-t20", "cifar100", 50000, 10000, 32, 5, 3000),
+    GLFCCase("glfc-tiny-imagenet", "tiny-imagenet", 90000, 10000, 64, 20, 8000),
+    GLFCCase("glfc-mini-imagenet", "mini-imagenet", 50000, 10000, 84, 10, 8000),
 ]
 
 
