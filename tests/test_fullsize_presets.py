@@ -211,7 +211,7 @@ class FCCLCase:
 
 
 FCCL_CASES = [FCCLCase("fccl-digits", ("digits", "cifar100"), 7000),
-              FCCLCase("fccl-officehome", ("office-home", "cifar100"), 4000)]
+              FCCLCase("fccl-officehome", ("office-home", "cifar100"), 7000)]
 
 # real counts: (train split, test split) per Digits domain; Office-Home: images per domain (30 % test)
 DIGITS_COUNTS = {"mnist": (60000, 10000), "usps": (7291, 2007), "svhn": (73257, 26032), "syn": (10000, 2000)}
