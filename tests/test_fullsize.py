@@ -134,3 +134,7 @@ def test_fccl_test_per_domain_evenly_spaced_subset():
     assert torch.equal(cut.test_labels, torch.arange(10))                         # every class kept
     assert torch.equal(cut.test_index, cut.test_images[:, 0, 0, 0].long() + 1000)
     assert evenly_spaced_tests(domain, None) is domain and evenly_spaced_tests(domain, 100) is domain
+    from python_api.config import ConfigError, load_config
+    from python_api.methods import get_method
+    with pytest.raises(ConfigError, match="data.test_per_domain"):
+        load_config(get_method("fccl").config_cls, "fccl-demo", ["data.test_per_domain=0"])
