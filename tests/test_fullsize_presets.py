@@ -18,7 +18,7 @@ FCCL: 1 pretraining and 1 local epoch, 128 private and 128 public images, 100 te
 SOLO evaluation.
 
 Data sets are written once per session (FCL_EXT_FULLSIZE_CACHE=DIR keeps them across sessions: about
-2.5 GB for all; each set is made once, marked by DIR/.fullsize-<name>.json). Each test's measured time,
+2.2 GB for all; each set is made once, marked by DIR/.fullsize-<name>.json). Each test's measured time,
 round time and peak memory: docs/glfc-trainer.md and docs/fccl.md, "Full-size smoke tests".
 """
 from __future__ import annotations
