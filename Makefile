@@ -4,6 +4,8 @@
 #   make demo        venv + torch + build, then the main job (both trainers' demos)
 #   make compare-demo  GLFC and baselines x 2 seeds on the bundled digits -> one table
 #   make test        venv + torch + build, then the test suite + benchmark smoke run
+#   make test-slow   the slow cases, incl. one round of every paper preset at full size (about 40 min here;
+#                    the first time also writes the synthetic same-size sets: FCL_EXT_FULLSIZE_CACHE=DIR keeps them)
 #   make bench       benchmarks (CPU, and CUDA where a GPU exists) -> docs/performance.md
 #   make gpu-check OUT=dir   on a GPU machine, with the Python that already has torch
 #

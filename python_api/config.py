@@ -82,7 +82,8 @@ class DataConfig:
     std: tuple = CIFAR100_STD
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train_per_class: Optional[int] = None   # folder datasets: first N images per class train, rest test
-    test_per_class: Optional[int] = None    # folder datasets: cap on test images per class
+    test_per_class: Optional[int] = None    # folder datasets and cifar100: cap on test images per class (the first
+                                            # N of each class; a cost cut for smoke tests, null = all)
     num_classes: Optional[int] = None       # synthetic only: number of classes (others: from the data)
     samples_per_class: int = 60             # synthetic only: images per class (train + test)
     cache: bool = True                      # folder datasets: cache decoded tensors under root/.fcl_ext_cache

@@ -94,3 +94,47 @@ def test_bad_name_and_scale_are_named(tmp_path):
     with pytest.raises(ValueError, match="scale"):
         make_synthetic("cifar100", tmp_path, scale=2.0)
     assert main(["make-data", "synthetic", "--like", "nope", "--out", str(tmp_path)]) == 2
+
+
+# ---- the cost-only switches the full-size smoke tests (tests/test_fullsize_presets.py) cut a round with
+
+def test_cifar100_test_per_class_keeps_the_first_images_of_each_class(tmp_path):
+    make_synthetic("cifar100", tmp_path, scale=0.03, progress=lambda *_: None)   # 3 per class
+    full_train, full_test = load_dataset(_cfg("cifar100", tmp_path, 32))
+    train, test = load_dataset(_cfg("cifar100", tmp_path, 32, test_per_class=2))
+    assert torch.equal(train.images, full_train.images)                          # training set untouched
+    assert torch.equal(torch.bincount(test.labels, minlength=100), torch.full((100,), 2))
+    keep = torch.cat([torch.nonzero(full_test.labels == c).flatten()[:2] for c in range(100)]).sort().values
+    assert torch.equal(test.images, full_test.images[keep]) and torch.equal(test.labels, full_test.labels[keep])
+
+
+def test_glfc_max_images_per_class_caps_what_clients_see():
+    from python_api.config import ConfigError, load_config
+    from python_api.methods import get_method
+    from python_api.methods.glfc.server import GLFCServer
+    cls = get_method("glfc").config_cls
+    with pytest.raises(ConfigError, match="client.max_images_per_class"):
+        load_config(cls, "glfc-demo", ["client.max_images_per_class=0"])
+    cfg = load_config(cls, "glfc-demo", ["client.max_images_per_class=3", "run.device=cpu"])
+    server = GLFCServer(cfg, "unused-run-dir", torch.device("cpu"))
+    labels = server.train.labels
+    for c, idx in enumerate(server.ctx.class_indices):
+        assert torch.equal(idx, torch.nonzero(labels == c).flatten()[:3])
+    assert len(server.train) > 3 * server.stream.num_classes                     # the data set stays whole
+
+
+def test_fccl_test_per_domain_evenly_spaced_subset():
+    from python_api.data.domains import DomainData
+    from python_api.methods.fccl.server import evenly_spaced_tests
+    labels = torch.arange(10).repeat_interleave(10)                               # class-ordered test set
+    domain = DomainData("d", torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
+                        torch.arange(100).view(100, 1, 1, 1).expand(100, 3, 4, 4).to(torch.uint8), labels, 10,
+                        test_index=torch.arange(100) + 1000)
+    cut = evenly_spaced_tests(domain, 10)
+    assert torch.equal(cut.test_labels, torch.arange(10))                         # every class kept
+    assert torch.equal(cut.test_index, cut.test_images[:, 0, 0, 0].long() + 1000)
+    assert evenly_spaced_tests(domain, None) is domain and evenly_spaced_tests(domain, 100) is domain
+    from python_api.config import ConfigError, load_config
+    from python_api.methods import get_method
+    with pytest.raises(ConfigError, match="data.test_per_domain"):
+        load_config(get_method("fccl").config_cls, "fccl-demo", ["data.test_per_domain=0"])

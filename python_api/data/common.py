@@ -41,6 +41,17 @@ class ImageTensors:
     def subset(self, indices: torch.Tensor) -> "ImageTensors":
         return ImageTensors(self.images[indices], self.labels[indices], self.class_names)
 
+    def first_per_class(self, count: Optional[int]) -> "ImageTensors":
+        """The first `count` images of every class, in dataset order (all of them when count is None)."""
+        if count is None:
+            return self
+        order = torch.argsort(self.labels, stable=True)
+        sorted_labels = self.labels[order]
+        starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+        rank = torch.arange(len(order), device=order.device) - starts   # position within its class
+        keep = torch.sort(order[rank < count]).values
+        return self.subset(keep)
+
     def indices_of(self, classes) -> torch.Tensor:
         """Indices of the samples whose label is in `classes` (in dataset order)."""
         wanted = torch.zeros(max(self.num_classes, int(self.labels.max()) + 1), dtype=torch.bool,

@@ -58,6 +58,9 @@ class FCCLDataConfig:
     public_drop_last: bool = True      # the reference drops the last partial public batch
     private_batch_size: int = 512      # TrainBatchSize (no drop_last)
     eval_batch_size: int = 512
+    test_per_domain: Optional[int] = None   # cost cut for smoke tests, not a method setting: evaluate on an evenly
+                                            # spaced subset of at most N images of each test domain; null = the
+                                            # whole test set (the reference)
     officehome_reference_split: bool = False  # True: spec 2.4's class-ordered truncation + test on the whole domain
     bundled_train_per_domain: int = 100
     bundled_public_size: int = 500
@@ -152,6 +155,8 @@ class FCCLConfig:
             raise ConfigError("participants: FCCL needs at least two participants")
         if m.rounds < 1:
             raise ConfigError(f"fccl.rounds: must be at least 1, got {m.rounds}")
+        if d.test_per_domain is not None and d.test_per_domain < 1:
+            raise ConfigError(f"data.test_per_domain: must be >= 1 or null, got {d.test_per_domain}")
         if d.public_batch_size < 2:
             raise ConfigError("data.public_batch_size: the batch standardisation needs at least 2 images")
         for i, p in enumerate(self.participants):

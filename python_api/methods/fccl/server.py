@@ -62,6 +62,18 @@ def intra_inter(accuracies: list, key: str, own_domains: Optional[list] = None) 
             "mean_inter": _mean_finite(inter), "per_domain": per_domain}
 
 
+def evenly_spaced_tests(domain, count: Optional[int]):
+    """`domain` with at most `count` of its test images, evenly spaced over the test set (class-ordered test
+    sets keep every class); the domain itself when count is None or covers the whole set."""
+    import dataclasses
+    n = len(domain.test_labels)
+    if count is None or count >= n:
+        return domain
+    keep = torch.linspace(0, n - 1, count).long()
+    return dataclasses.replace(domain, test_images=domain.test_images[keep], test_labels=domain.test_labels[keep],
+                               test_index=None if domain.test_index is None else domain.test_index[keep])
+
+
 def cross_correlation_matrix(a: torch.Tensor, b: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """The K x K matrix the collaborative loss drives (batch-standardised columns, / B), for plots."""
     def standardise(z):
@@ -85,7 +97,7 @@ class FCCLServer:
         first = {}
         for domain in self.domains:
             first.setdefault(domain.name, domain)
-        self.test_sets = list(first.values())
+        self.test_sets = [evenly_spaced_tests(t, cfg.data.test_per_domain) for t in first.values()]
         self.num_rounds = cfg.fccl.rounds
         self.ids = list(range(len(cfg.participants)))
         self.names = [f"{p.domain}/{p.backbone}" for p in cfg.participants]

@@ -49,6 +49,9 @@ class ClientConfig:
                                             # again (the reference double-counts them, §4.2-12)
     classes_per_client: int = 6             # the reference's hard-coded 6 (§4.2-4)
     client_class_fraction: Optional[float] = None   # if set: round(fraction·task_size) classes (LGA: 0.6; T=20 runs)
+    max_images_per_class: Optional[int] = None   # cost cut for smoke tests, not a method setting: clients use only
+                                            # the first N training images of each class (training, entropy, herding,
+                                            # prototypes); null = every image (the reference)
     entropy_threshold: float = 1.2
     entropy_eps: float = 1e-5
     loss_backend: str = "auto"              # fcl_ext (fused ops) | reference (pure PyTorch twins) | auto (fcl_ext if built)
@@ -255,6 +258,8 @@ class GLFCConfig:
                               f"{self.proxy.tolerance_grad} / {self.proxy.tolerance_change}")
         if self.proxy.encoder_num_classes is not None and self.proxy.encoder_num_classes < 1:
             raise ConfigError(f"proxy.encoder_num_classes: must be >= 1 or null, got {self.proxy.encoder_num_classes}")
+        if self.client.max_images_per_class is not None and self.client.max_images_per_class < 1:
+            raise ConfigError(f"client.max_images_per_class: must be >= 1 or null, got {self.client.max_images_per_class}")
         if self.client.client_class_fraction is not None and not 0 < self.client.client_class_fraction <= 1:
             raise ConfigError(f"client.client_class_fraction: must be in (0, 1], got {self.client.client_class_fraction}")
 

@@ -90,7 +90,10 @@ class GLFCContext:
     def __init__(self, cfg, device, train, stream):
         self.cfg, self.device, self.train, self.stream = cfg, device, train, stream
         self.aug = DeviceAugment.from_config(cfg.data, device)
-        self.class_indices = [torch.nonzero(train.labels == c).flatten() for c in range(stream.num_classes)]
+        # client.max_images_per_class (a cost cut for smoke tests, null = every image): the clients see only
+        # the first N training images of each class; the data set itself stays whole
+        cap = cfg.client.max_images_per_class
+        self.class_indices = [torch.nonzero(train.labels == c).flatten()[:cap] for c in range(stream.num_classes)]
         self.classes_per_client = cfg.classes_per_client_for(stream.task_size)
         self.image_shape = tuple(train.images.shape[1:])
         self.loss_fn, self.loss_backend = resolve_loss(cfg.client.loss_backend)
