@@ -467,7 +467,7 @@ def test_backward_op_checks_weights_and_grad():
         bwd(torch.ones(4), x, y, q, w.double(), 0.5, 0.5)
     with pytest.raises(RuntimeError, match=r"weights must have shape \[4\]"):
         bwd(torch.ones(4), x, y, q, w[:2], 0.5, 0.5)
-    with pytest.raises(RuntimeError, match="grad_per_sample_loss must have 4 elements"):
+    with pytest.raises(RuntimeError, match=r"grad_per_sample_loss must have shape \[4\]"):
         bwd(torch.ones(3), x, y, q, w, 0.5, 0.5)
     with pytest.raises(ValueError, match=r"labels\[3\] = 5 is out of range \[0, 5\)"):
         bwd(torch.ones(4), x, torch.tensor([0, 1, 2, 5]), q, w, 0.5, 0.5)

@@ -206,3 +206,36 @@ def test_reconstruct_other_errors_name_the_argument(encoder):
     with pytest.raises(TypeError, match="images"):
         reconstruct.encode_gradients(encoder, None, torch.zeros(2, dtype=torch.int64))
     assert math.isinf(float(reconstruct.psnr(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))))
+
+
+# ---- upstream gradients of the private backward ops: the forward output's exact shape (issue 17, large fuzz) --
+OPS = torch.ops.fcl_ext
+F32 = dict(dtype=torch.float32)
+UPSTREAM_SHAPE_CALLS = {
+    # a 0-dim gradient has the one element of a [1] output, but not its shape: the large fuzz found these accepted
+    "softmax_entropy": (lambda g: OPS._softmax_entropy_backward(g, torch.randn(1, 3), torch.zeros(1, 3), 0.0),
+                        "grad_entropy"),
+    "glfc_loss": (lambda g: OPS._glfc_loss_backward(g, torch.randn(1, 3), torch.tensor([0]), None, torch.ones(1),
+                                                    1.0, 0.0), "grad_per_sample_loss"),
+    "gradient_matching": (lambda g: OPS._gradient_matching_loss_backward(g, torch.randn(1, 4), torch.randn(1, 4),
+                                                                         torch.zeros(1, 3), "l2"), "grad_loss"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(UPSTREAM_SHAPE_CALLS))
+@pytest.mark.parametrize("shape", [(), (1, 1)], ids=str)
+def test_private_backward_refuses_an_upstream_gradient_of_another_shape(op, shape):
+    call, name = UPSTREAM_SHAPE_CALLS[op]
+    with pytest.raises(RuntimeError, match=rf"{name} must have"):
+        call(torch.ones(shape, **F32))
+    assert call(torch.ones(1, **F32)).shape[0] == 1     # the forward output's shape [1] is accepted
+
+
+def test_softmax_entropy_op_with_zero_classes_and_rows_left_raises():
+    # [3, 0] logits returned 3 uninitialised entropies from the direct op call (ops.py already refused them)
+    with pytest.raises(RuntimeError, match="at least one class"):
+        OPS.softmax_entropy(torch.zeros(3, 0), 0.0)
+    with pytest.raises(RuntimeError, match="at least one class"):
+        OPS._softmax_entropy_backward(torch.ones(3), torch.zeros(3, 0), torch.zeros(0, 3), 0.0)
+    h, stats = OPS.softmax_entropy(torch.zeros(0, 0), 0.0)      # nothing to compute: empty, as before
+    assert h.shape == (0,) and stats.shape == (0, 3)

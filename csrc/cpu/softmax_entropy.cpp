@@ -116,9 +116,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cpu(const at::Tensor& logits,
   auto batch_shape = logits.sizes().slice(0, logits.dim() - 1);
   auto entropy = at::empty(batch_shape, logits.options());
   const auto opmath = at::toOpMathType(logits.scalar_type());
+  // Checked before the empty return: [3, 0] logits would otherwise give 3 uninitialised entropies.
+  TORCH_CHECK(C > 0 || entropy.numel() == 0, "fcl_ext: logits must have at least one class (last dim > 0), got shape ",
+              logits.sizes());
   auto stats = at::empty({rows, 3}, logits.options().dtype(opmath));
   if (rows == 0) return {entropy, stats};
-  TORCH_CHECK(C > 0, "fcl_ext: logits must have at least one class (last dim > 0)");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_entropy_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();

@@ -102,9 +102,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits
   const auto x = logits.contiguous();
   const int64_t rows = C == 0 ? 0 : x.numel() / C;
   auto entropy = at::empty(logits.sizes().slice(0, logits.dim() - 1), logits.options());
+  // Checked before the empty return: [3, 0] logits would otherwise give 3 uninitialised entropies.
+  TORCH_CHECK(C > 0 || entropy.numel() == 0, "fcl_ext: logits must have at least one class (last dim > 0), got shape ",
+              logits.sizes());
   auto stats = at::empty({rows, 3}, logits.options().dtype(at::toOpMathType(logits.scalar_type())));
   if (rows == 0) return {entropy, stats};
-  TORCH_CHECK(C > 0, "fcl_ext: logits must have at least one class (last dim > 0)");
   const cuda::RowLaunch launch = cuda::row_launch(rows, C);
   TORCH_CHECK(launch.blocks <= INT32_MAX, "fcl_ext: too many rows for one launch: ", rows);
   auto stream = at::cuda::getCurrentCUDAStream();

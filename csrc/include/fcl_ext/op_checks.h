@@ -96,6 +96,14 @@ inline void check_upstream_grad(const at::Tensor& grad, const char* name, int64_
   check_same_device(like, like_name, grad, name);
 }
 
+// An upstream gradient of exactly the forward output's shape (the numel alone would let a [] stand for a [1]).
+inline void check_upstream_grad_shape(const at::Tensor& grad, const char* name, at::IntArrayRef shape,
+                                      const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(grad.sizes() == shape, "fcl_ext: ", name, " must have the shape of the forward's output ", shape,
+              ", got shape ", grad.sizes());
+  check_upstream_grad(grad, name, c10::multiply_integers(shape), like, like_name);
+}
+
 // One label inside a kernel's row loop (the CPU kernels check there, before the row is read; no extra pass).
 inline void check_label_value(int64_t y, int64_t C, int64_t row) {
   TORCH_CHECK_VALUE(y >= 0 && y < C, "fcl_ext: labels[", row, "] = ", y, " is out of range [0, ", C,
@@ -109,7 +117,10 @@ inline void check_softmax_entropy_backward_inputs(const at::Tensor& grad_entropy
   TORCH_CHECK(eps >= 0, "fcl_ext: eps must be >= 0, got ", eps);
   const int64_t C = logits.size(-1);
   const int64_t rows = C == 0 ? 0 : logits.numel() / C;
-  check_upstream_grad(grad_entropy, "grad_entropy", rows, logits, "logits");
+  const auto batch_shape = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK(C > 0 || c10::multiply_integers(batch_shape) == 0, "fcl_ext: logits must have at least one class "
+              "(last dim > 0), got shape ", logits.sizes());
+  check_upstream_grad_shape(grad_entropy, "grad_entropy", batch_shape, logits, "logits");
   check_saved_stats(stats, "stats", {rows, 3}, logits, "logits");
 }
 
@@ -130,7 +141,7 @@ inline void check_dual_distillation_backward_inputs(const at::Tensor& grad_loss,
 inline void check_gradient_matching_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grads,
                                                     const at::Tensor& target, const at::Tensor& stats) {
   check_gradient_matching_inputs(grads, target);
-  check_upstream_grad(grad_loss, "grad_loss", grads.size(0), grads, "grads");
+  check_upstream_grad_shape(grad_loss, "grad_loss", {grads.size(0)}, grads, "grads");
   check_saved_stats(stats, "stats", {grads.size(0), 3}, grads, "grads");
 }
 
@@ -158,8 +169,8 @@ inline void check_glfc_backward_inputs(const at::Tensor& grad_per_sample, const 
   const int64_t N = logits.size(0);
   TORCH_CHECK(at::isFloatingType(grad_per_sample.scalar_type()), "fcl_ext: grad_per_sample_loss must be a "
               "floating-point tensor, got ", grad_per_sample.scalar_type());
-  TORCH_CHECK(grad_per_sample.numel() == N, "fcl_ext: grad_per_sample_loss must have ", N, " elements (one per row "
-              "of logits), got shape ", grad_per_sample.sizes());
+  TORCH_CHECK(grad_per_sample.sizes() == at::IntArrayRef({N}), "fcl_ext: grad_per_sample_loss must have shape [",
+              N, "] (one per row of logits), got shape ", grad_per_sample.sizes());
   check_same_device(logits, "logits", grad_per_sample, "grad_per_sample_loss");
   check_saved_stats(weights, "weights", {N}, logits, "logits");
 }
