@@ -382,6 +382,14 @@ def test_headline_follows_the_scenario():
     assert load_config(FCCLConfig, "fccl-officehome").headline_metric() == "top5"
 
 
+def test_headline_top5_refuses_another_top_k_and_topk_names_it():
+    # top5 with top_k=3 used to report top-3 under the name top5.
+    with pytest.raises(ConfigError, match=r"fccl.headline: top5 needs fccl.top_k=5, got fccl.top_k=3"):
+        load_config(FCCLConfig, None, ["fccl.headline=top5", "fccl.top_k=3"])
+    assert load_config(FCCLConfig, None, ["fccl.headline=topk", "fccl.top_k=3"]).headline_metric() == "top3"
+    assert load_config(FCCLConfig, None, ["data.scenario=officehome", "fccl.top_k=3"]).headline_metric() == "top3"
+
+
 def test_plots_show_the_headline_metric(tmp_path, monkeypatch):
     import python_api.methods.fccl.plots as plots
     drawn = {}
