@@ -13,6 +13,16 @@ from tests.properties import (assert_like_twin, assert_nan_like_twin, assert_rej
 FORMS = [dict(), dict(off_diag_target=0.0, unbiased=False, eps=1e-5), dict(off_diag_weight=0.3, eps=1e-3)]
 
 
+def _worst_column(*xs):
+    """(condition 1 + |mean| / std, 1 / std) of the worst column: a few rows drawn at `scale` can have a
+    std far below it (batch 2: one difference), and the rounding of standardising grows with both."""
+    cond, inv_std = 1.0, 0.0
+    for x in xs:
+        std, mean = x.detach().std(0, unbiased=False), x.detach().mean(0)
+        cond, inv_std = max(cond, float((1 + mean.abs() / std).max())), max(inv_std, float(1 / std.min()))
+    return cond, inv_std
+
+
 @given(batch=st.integers(2, 24), ka=st.integers(1, 6), kb=st.integers(1, 6), dtype=dtypes(), layout=layouts(),
        scale=st.sampled_from([1e-2, 1.0, 30.0]), offset=st.sampled_from([0.0, 3.0, -50.0]),
        form=st.sampled_from(range(len(FORMS))), seed=st.integers(0, 2 ** 16))
@@ -25,6 +35,9 @@ def test_valid_inputs_match_twin(batch, ka, kb, dtype, layout, scale, offset, fo
     # Standardising a column divides by its std: the rounding of offset (and of the dtype's
     # inputs) is amplified by |offset| / scale, the column's condition.
     cond = 1.0 + abs(offset) / scale
+    # ... and by the columns as drawn (the large profile found batch 2, scale 1 with a column std of 0.08)
+    col_cond, inv_std = _worst_column(a64, b64)
+    cond, inv_std = max(cond, col_cond), max(inv_std, 1 / scale)
     m_kw = {k: v for k, v in kw.items() if k in ("unbiased", "eps")}
     m = ops.cross_correlation_matrix(a, b, **m_kw)
     m64 = reference.cross_correlation_matrix(a64, b64, **m_kw)
@@ -33,19 +46,21 @@ def test_valid_inputs_match_twin(batch, ka, kb, dtype, layout, scale, offset, fo
     grad_m = tensor(m.shape, torch.float64, seed=seed + 2)
     ga, gb = torch.autograd.grad(m, (a, b), grad_m.to(dtype))
     ga64, gb64 = torch.autograd.grad(m64, (a64, b64), grad_m)
-    top = float(grad_m.abs().max()) * max(ka, kb) / scale
+    top = float(grad_m.abs().max()) * max(ka, kb) * inv_std
     assert_like_twin(ga, ga64, dtype, cond=4.0, compute_scale=cond * top, what="matrix grad a")
     assert_like_twin(gb, gb64, dtype, cond=4.0, compute_scale=cond * top, what="matrix grad b")
     if ka == kb:
         b2, b2_64 = leaf(tensor((batch, ka), dtype, scale=scale, seed=seed + 3, layout=layout))
         assume(bool((b2_64.var(0) > 0).all()))
+        cond2, inv_std2 = _worst_column(a64, b2_64)
+        cond2, inv_std2 = max(cond, cond2), max(inv_std, inv_std2)
         out = ops.cross_correlation_loss(a, b2, **kw)
         exact = reference.cross_correlation_loss(a64, b2_64, **kw)
-        assert_like_twin(out, exact, dtype, floor=float(ka * ka), compute_scale=cond * batch * ka * ka, what="loss")
+        assert_like_twin(out, exact, dtype, floor=float(ka * ka), compute_scale=cond2 * batch * ka * ka, what="loss")
         ga, gb = torch.autograd.grad(out, (a, b2))
         ga64, gb64 = torch.autograd.grad(exact, (a64, b2_64))
-        assert_like_twin(ga, ga64, dtype, cond=4.0, compute_scale=cond * ka * ka / scale, what="loss grad a")
-        assert_like_twin(gb, gb64, dtype, cond=4.0, compute_scale=cond * ka * ka / scale, what="loss grad b")
+        assert_like_twin(ga, ga64, dtype, cond=4.0, compute_scale=cond2 * ka * ka * inv_std2, what="loss grad a")
+        assert_like_twin(gb, gb64, dtype, cond=4.0, compute_scale=cond2 * ka * ka * inv_std2, what="loss grad b")
 
 
 @given(batch=st.integers(2, 8), k=st.integers(1, 4), dtype=st.sampled_from([torch.float64, torch.float32]),
