@@ -275,7 +275,7 @@ def test_fccl_evaluate_solo_off_skips_the_pretrained_evaluation(tmp_path):
 
 
 def test_fccl_top_k_and_headline(tmp_path):
-    server, engine = _fccl(tmp_path, fccl={"rounds": 1, "top_k": 3, "headline": "top5"})
+    server, engine = _fccl(tmp_path, fccl={"rounds": 1, "top_k": 3, "headline": "topk"})
     record = server.run_round(0, engine)
     assert "mean_intra_top3" in record and "mean_intra_top5" not in record
     server.cfg.fccl.top_k = 5
