@@ -169,6 +169,11 @@ def estimate(method_name: str, cfg, rounds: int = None, sample_clients: int = 1,
     from python_api import profiling
     from python_api.engine.runner import run_training
 
+    for name, value, least in (("rounds", 1 if rounds is None else rounds, 1), ("sample_clients", sample_clients, 0),
+                               ("sample_batches", sample_batches, 0), ("sample_seconds", sample_seconds, 0),
+                               ("sample_max_seconds", sample_max_seconds, 0)):
+        if not value >= least:   # also refuses NaN
+            raise ValueError(f"estimate: {name} must be >= {least}, got {value}")
     workers = int(getattr(cfg.run, "workers", 1) or 1)
     if rounds is None:   # with workers, round 0 holds the fresh worker processes' first-use costs
         rounds = 2 if workers > 1 else 1

@@ -192,3 +192,11 @@ def test_estimate_of_the_cifar100_preset_prints_within_five_minutes(tmp_path):
     assert "phase (round 0)" in run.stdout and "projected full run: 100 rounds" in run.stdout
     assert "extrapolated: " in run.stdout and "x10/1 clients" in run.stdout and "x20/1 clients" in run.stdout
     assert took < 300, f"estimate took {took:.0f} s"
+
+
+@pytest.mark.parametrize("arg, value", [("rounds", 0), ("sample_clients", -1), ("sample_batches", -2),
+                                        ("sample_seconds", -1.0), ("sample_max_seconds", float("nan"))])
+def test_estimate_refuses_a_bad_sampling_argument_naming_it(arg, value):
+    from python_api.estimate import estimate
+    with pytest.raises(ValueError, match=rf"estimate: {arg} must be >="):
+        estimate("glfc", None, **{arg: value})   # refused before the config is read
