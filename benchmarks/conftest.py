@@ -6,9 +6,16 @@ CUDA work is synchronised inside the timed call. Peak memory is measured in one 
 untimed call (CUDA: allocator peak; CPU: not tracked).
 """
 import os
+import sys
 
 import pytest
 import torch
+
+# FCL_EXT_BENCH_PACKAGE=dir times the fcl_ext package (and its built .so) of another checkout with this
+# harness, so two commits are compared case by case under one set of rules (benchmarks/compare_builds.py).
+_PACKAGE_DIR = os.environ.get("FCL_EXT_BENCH_PACKAGE")
+if _PACKAGE_DIR:
+    sys.path.insert(0, os.path.abspath(_PACKAGE_DIR))
 
 IMPLS = ["fcl_ext", "eager", "compiled"]
 MODES = ["fwd", "fwd+bwd"]
@@ -20,6 +27,11 @@ def pytest_configure(config):
     threads = os.environ.get("FCL_EXT_BENCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
+    if _PACKAGE_DIR:
+        import fcl_ext
+        where = os.path.dirname(os.path.dirname(os.path.abspath(fcl_ext.__file__)))
+        if where != os.path.abspath(_PACKAGE_DIR):
+            raise pytest.UsageError(f"FCL_EXT_BENCH_PACKAGE={_PACKAGE_DIR} but fcl_ext was imported from {where}")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

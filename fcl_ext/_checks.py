@@ -51,10 +51,13 @@ def check_same_device(a, name_a: str, b, name_b: str) -> None:
 
 def check_number(value, name: str) -> float:
     """A finite real number (bool is not one); returned as a Python float for the op schema."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    kind = type(value)
+    # float and int first: the ABC isinstance below costs ~1 us, a visible share of a small op's call
+    if kind is not float and kind is not int and (
+            isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))):
+        raise TypeError(f"{name} must be a real number, got {kind.__name__}")
     value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if value - value != 0.0:  # NaN or +-inf (inf - inf is NaN)
         raise ValueError(f"{name} must be a finite number, got {value}")
     return value
 
