@@ -24,7 +24,7 @@ __all__ = ["DeviceInputError", "check_device_errors", "take_device_errors"]
 # Keep in sync with csrc/cuda/kernel_utils.cuh.
 _SLOTS = ("code", "op", "index", "value", "bound", "what", "count")
 _OPS = {1: "glfc_loss", 2: "dual_distillation_loss", 3: "cross_correlation", 4: "lbfgs_direction"}
-LABEL_RANGE, CONSTANT_COLUMN, HISTORY_RANGE, NAN_COLUMN = 1, 2, 3, 4
+LABEL_RANGE, CONSTANT_COLUMN, HISTORY_RANGE, NAN_COLUMN, TINY_STD_COLUMN = 1, 2, 3, 4, 5
 
 
 class DeviceInputError(RuntimeError):
@@ -79,6 +79,10 @@ def describe(record) -> str:
     elif code == NAN_COLUMN:
         what = (f"NaN in column {index} of {'ab'[record['what']]} (a NaN or infinite entry makes its variance NaN), "
                 "so the correlation would be NaN")
+        effect = "the matrix entries and loss that use it are NaN"
+    elif code == TINY_STD_COLUMN:
+        what = (f"column {index} of {'ab'[record['what']]} varies, but its standard deviation is so small that 1/std "
+                "overflows the accumulation type; pass eps > 0 or compute in float64")
         effect = "the matrix entries and loss that use it are NaN"
     elif code == HISTORY_RANGE:
         name = "hist_start" if record["what"] == 1 else "hist_len"

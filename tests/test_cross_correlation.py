@@ -423,3 +423,68 @@ def test_nan_column_with_eps_zero_says_nan(which):
     m_ref = reference.cross_correlation_matrix(a, b, eps=1e-5)
     torch.testing.assert_close(m, m_ref, equal_nan=True)
     assert m.isnan().any()
+
+
+# Values whose B-fold sum rounds (not dyadic), at batch sizes where it does, in both accumulation types.
+CONSTANT_VALUES = [1.1, 3.3, 0.7, 1e-3, 12345.678, -2.5e30, 1e-39]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [2, 7, 512, 1000])
+def test_constant_columns_of_any_value_are_exactly_constant(B, dtype):
+    # The scaled two-pass took the mean of B equal values, which rounds (1.1 * 512 is not exact in float): the
+    # rounding passed for a variance, so eps=0 did not raise and eps>0 gave inv_std 22.7 instead of 316.2.
+    g = torch.Generator().manual_seed(B)
+    for v in CONSTANT_VALUES:
+        a = torch.randn(B, 3, generator=g, dtype=torch.float64).to(dtype)
+        a[:, 1] = v
+        b = torch.randn(B, 3, generator=g, dtype=torch.float64).to(dtype)
+        with pytest.raises(RuntimeError, match="column 1 of a is constant over the batch"):
+            ops.cross_correlation_matrix(a, b)
+        _, stats, _ = torch.ops.fcl_ext.cross_correlation_matrix(a, b, True, 1e-5)
+        assert stats[0, 1].item() == a[0, 1].item(), v  # the mean of a constant column is its value, exactly
+        torch.testing.assert_close(stats[1, 1].double(), torch.tensor(1e-5, dtype=torch.float64).rsqrt(),
+                                   rtol=4 * torch.finfo(dtype).eps, atol=0)
+        m = ops.cross_correlation_matrix(a, b, eps=1e-5)
+        # the oracle: the same column at 0 (its standardised values are exactly 0 either way; the twin's own mean
+        # of B copies of 12345.678 rounds, and 1/sqrt(eps) magnifies that)
+        a0 = a.double()
+        a0[:, 1] = 0.0
+        m_ref = reference.cross_correlation_matrix(a0, b.double(), eps=1e-5)
+        assert (m[1] == 0).all()
+        torch.testing.assert_close(m.double(), m_ref, rtol=1e-4 if dtype == torch.float32 else 1e-10,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype,tiny", [(torch.float32, 1e-40), (torch.float32, 1e-38), (torch.float64, 1e-310)])
+def test_subnormal_columns_standardise_like_the_float64_twin(dtype, tiny):
+    # A column whose largest |entry| is subnormal: its scale 2^-e (2^149 in float) overflowed on its own, so every
+    # scaled value was inf or NaN and the loss NaN for a finite input.
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(16, 3, generator=g, dtype=torch.float64) + 0.5 * a
+    a[:, 0] = a[:, 0] / a[:, 0].abs().max() * tiny
+    a, b = a.to(dtype), b.to(dtype)
+    assert a[:, 0].abs().max() < torch.finfo(dtype).tiny and (a[:, 0] != 0).sum() > 8
+    fccl_weights = {k: v for k, v in FCCL.items() if k != "eps"}
+    # float64 squares of 1e-310 underflow in torch too: the oracle works on the column times 2^1000 (exact)
+    up = 2.0 ** 1000 if dtype == torch.float64 else 1.0
+    std_up = (a[:, 0].double() * up).std().item()  # std times up
+    for eps in (1e-5, 0.0):
+        if eps == 0.0 and std_up < up / torch.finfo(dtype).max:  # 1/std beyond the dtype's largest value
+            # 1/std beyond the type's range: a clear error (not "constant", not NaN)
+            with pytest.raises(RuntimeError, match=r"column 0 of a varies, but its standard deviation is so small"):
+                ops.cross_correlation_matrix(a, b)
+            continue
+        # the float64 twin on the column scaled by an exact power of two (M does not change; float64 squares of
+        # 1e-310 would underflow in the twin too)
+        a_ref = a.double().clone()  # (.double() of a float64 tensor is the tensor itself)
+        a_ref[:, 0] *= up  # eps == 0: M does not change when a column is scaled
+        m = ops.cross_correlation_matrix(a, b, eps=eps)
+        m_ref = reference.cross_correlation_matrix(a_ref if eps == 0.0 else a.double(), b.double(), eps=eps)
+        assert torch.isfinite(m).all() and torch.isfinite(m_ref).all()
+        torch.testing.assert_close(m.double(), m_ref, rtol=1e-4, atol=1e-5)
+        loss = ops.cross_correlation_loss(a, b, eps=eps, **fccl_weights)
+        loss_ref = reference.cross_correlation_loss(a_ref if eps == 0.0 else a.double(), b.double(), eps=eps,
+                                                    **fccl_weights)
+        torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-4, atol=1e-5)

@@ -392,6 +392,41 @@ def test_cross_correlation_constant_column_is_a_device_error(b, k):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["fused", "split-B", "cublas"])
+def test_cross_correlation_rounded_constant_column_is_constant(path):
+    # 3.3 summed B times rounds; the scaled two-pass used to take that rounding for a variance (CPU and CUDA alike)
+    b, k = {"fused": (7, 3), "split-B": (8192, 8), "cublas": (16, 200)}[path]
+    a, bb = randn(b, k).float(), randn(b, k, seed=1).float()
+    a[:, 2] = 3.3
+    a, bb = a.cuda(), bb.cuda()
+    with no_host_sync():
+        m = fcl_ext.ops.cross_correlation_matrix(a, bb, eps=0.0)
+    assert torch.isnan(m[2]).all()
+    with pytest.raises(DeviceInputError, match=r"column 2 of a is constant over the batch"):
+        fcl_ext.check_device_errors()
+    _, stats_cuda, _ = torch.ops.fcl_ext.cross_correlation_matrix(a, bb, True, 1e-5)
+    _, stats_cpu, _ = torch.ops.fcl_ext.cross_correlation_matrix(a.cpu(), bb.cpu(), True, 1e-5)
+    assert stats_cuda[0, 2].item() == a[0, 2].item()
+    torch.testing.assert_close(stats_cuda.cpu(), stats_cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["fused", "split-B", "cublas"])
+def test_cross_correlation_subnormal_column_like_cpu(path):
+    b, k = {"fused": (16, 3), "split-B": (8192, 8), "cublas": (16, 200)}[path]
+    a, bb = randn(b, k).float(), randn(b, k, seed=1).float()
+    a[:, 0] = (randn(b, 1, seed=2) * 1e-40).float()[:, 0]
+    a, bb = a.cuda(), bb.cuda()
+    with no_host_sync():
+        fcl_ext.ops.cross_correlation_matrix(a, bb, eps=0.0)
+    with pytest.raises(DeviceInputError, match=r"column 0 of a varies, but its standard deviation is so small"):
+        fcl_ext.check_device_errors()
+    results = _on_devices(lambda x, y: fcl_ext.ops.cross_correlation_matrix(x, y, eps=1e-5), [a.cpu(), bb.cpu()], [0])
+    fcl_ext.check_device_errors("cuda")
+    assert torch.isfinite(results["cuda"][0]).all()
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["cuda"][1][0], results["cpu"][1][0], rtol=1e-4, atol=1e-5)
+
+
 def _on_devices(fn, inputs, grad_idx):
     """fn and its gradients (of the sum) on CUDA (under sync-debug "error") and on the CPU, as float64 on the CPU."""
     results = {}
@@ -518,6 +553,29 @@ def test_cosine_gradient_matching_at_extreme_scales_like_cpu_and_twin(path, scal
         torch.testing.assert_close(loss, exact.detach(), **tol(dtype), msg=lambda msg: f"{device}: {msg}")
         torch.testing.assert_close(gr * scale, gr64, rtol=tol(dtype)["rtol"], atol=tol(dtype)["rtol"] * float(
             gr64.abs().max()), msg=lambda msg: f"{device} grad: {msg}")
+
+
+@pytest.mark.parametrize("dtype,tiny", [(torch.float32, 1e-40), (torch.float64, 1e-310)])
+@pytest.mark.parametrize("path", list(GM_SHAPES))
+def test_cosine_gradient_matching_subnormal_rows_like_cpu(path, dtype, tiny):
+    # a row whose largest entry is subnormal: its rescale 2^-e is applied as two factors (2^149 alone is inf)
+    k, p = GM_SHAPES[path]
+    g1 = randn(k, p)
+    g = (g1 / g1.abs().amax(dim=1, keepdim=True) * tiny).to(dtype)
+    t = (g1 + 0.5 * randn(k, p, seed=8)).to(dtype)
+    go = torch.full((k,), 1e-12 if dtype == torch.float32 else 1e-300, dtype=dtype)  # keeps ~1/|g| in range
+    out = {}
+    for device in ("cuda", "cpu"):
+        x = g.to(device).requires_grad_()
+        with no_host_sync() if device == "cuda" else contextlib.nullcontext():
+            loss = fcl_ext.ops.gradient_matching_loss(x, t.to(device), metric="cosine")
+            gr, = torch.autograd.grad(loss, [x], go.to(device))
+        out[device] = (loss.detach().cpu().double(), gr.cpu().double())
+    cpu_loss, cpu_grad = out["cpu"]
+    assert torch.isfinite(cpu_loss).all() and torch.isfinite(cpu_grad).all()  # tests/test_gradient_matching.py: = twin
+    torch.testing.assert_close(out["cuda"][0], cpu_loss, **tol(dtype))
+    torch.testing.assert_close(out["cuda"][1], cpu_grad, rtol=tol(dtype)["rtol"],
+                               atol=tol(dtype)["rtol"] * float(cpu_grad.abs().max()))
 
 
 # ---- lbfgs_direction -----------------------------------------------------------------------------

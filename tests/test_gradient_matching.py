@@ -321,3 +321,34 @@ def test_cosine_nan_in_gives_nan_out(dtype):
     grad_ref, = torch.autograd.grad(loss_ref.sum(), g)
     assert_close(loss[0], loss_ref[0], dtype)
     assert_close(grad[0], grad_ref[0], dtype)
+
+
+@pytest.mark.parametrize("dtype,tiny", [(torch.float32, 1e-40), (torch.float32, 1e-38), (torch.float64, 1e-310)])
+def test_cosine_rows_with_a_subnormal_largest_entry(dtype, tiny):
+    # The rescale factor 2^-e of such a row (2^149 in float) overflowed on its own: loss and gradient came out NaN.
+    g0, t0 = make_pair(2, 33, torch.float64, seed=4)
+    t0 = t0 + 0.5 * g0
+    g = (g0 / g0.abs().max(dim=1, keepdim=True).values * tiny).to(dtype)
+    assert g.abs().max() < torch.finfo(dtype).tiny
+    g[1] = g0[1].to(dtype)  # a normal row next to it
+    t = t0.to(dtype)
+    g.requires_grad_(True)
+    loss = ops.gradient_matching_loss(g, t, metric="cosine")
+    # a small upstream gradient keeps d loss / d g (about 1/|g|) inside float's range
+    go = torch.tensor([1e-10, 1.0], dtype=dtype) if dtype == torch.float32 else torch.tensor([1e-290, 1.0], dtype=dtype)
+    grad, = torch.autograd.grad(loss, g, go)
+    # Oracle: the float64 twin on g scaled row by row by an exact power of two that brings its largest entry to
+    # [1, 2) (the cosine loss does not change; its gradient scales back by the same power). Unscaled, float64
+    # squares of 1e-310 underflow in the twin too.
+    e = torch.frexp(g.detach().double().abs().amax(dim=1, keepdim=True)).exponent - 1
+    half = torch.div(-e, 2, rounding_mode="floor")
+    scale_1, scale_2 = torch.pow(2.0, half.double()), torch.pow(2.0, (-e - half).double())
+    g64 = (g.detach().double() * scale_1 * scale_2).requires_grad_(True)
+    loss_ref = reference.gradient_matching_loss(g64, t.double(), metric="cosine")
+    grad_ref, = torch.autograd.grad(loss_ref, g64, go.double())
+    grad_ref = grad_ref * scale_1 * scale_2
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-6)
+    for k in range(2):
+        err = (grad[k].double() - grad_ref[k]).abs().max() / grad_ref[k].abs().max()
+        assert err < 1e-5, (k, err)

@@ -2,13 +2,18 @@
 valid inputs against the float64 twin (values and gradients, every float dtype, non-contiguous,
 column offsets), random invalid inputs, NaN/Inf inputs, and crash-isolated direct torch.ops
 calls. Example counts: the hypothesis profile."""
+import math
+
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from fcl_ext import ops, reference
 from tests.properties import (assert_like_twin, assert_nan_like_twin, assert_rejected, dtypes, layouts, leaf,
                               run_op_fuzz, tensor)
+
+# binary exponents from below the smallest subnormal to the largest finite value, by dtype
+EXPONENT_RANGE = {torch.float32: (-152, 127), torch.float64: (-1077, 1023)}
 
 FORMS = [dict(), dict(off_diag_target=0.0, unbiased=False, eps=1e-5), dict(off_diag_weight=0.3, eps=1e-3)]
 
@@ -119,3 +124,66 @@ def test_invalid_inputs_raise_naming_the_argument(case, value, which):
 
 def test_direct_op_calls_never_crash():
     assert run_op_fuzz("cross_correlation")["cases"] > 0
+
+
+@given(batch=st.one_of(st.integers(2, 40), st.sampled_from([255, 512, 1000, 4097])),
+       dtype=st.sampled_from([torch.float32, torch.float64]), mantissa=st.floats(1.0, 2.0, exclude_max=True),
+       where=st.floats(0.0, 1.0), negative=st.booleans(), seed=st.integers(0, 2 ** 16))
+@example(batch=512, dtype=torch.float32, mantissa=1.1, where=0.6, negative=False, seed=1)  # a subnormal / rounding case, run every time
+@example(batch=7, dtype=torch.float64, mantissa=1.65, where=0.52, negative=True, seed=1)  # a subnormal / rounding case, run every time
+def test_constant_column_of_any_value_is_constant(batch, dtype, mantissa, where, negative, seed):
+    # A column of one value (any finite value of the dtype, subnormals included): eps = 0 raises "constant"; with
+    # eps > 0 its mean is that value exactly and its inv_std 1/sqrt(eps). (B equal values summed round: that
+    # rounding once passed for a variance.)
+    lo, hi = EXPONENT_RANGE[dtype]
+    exponent = lo + round(where * (hi - lo))
+    value = torch.tensor(math.ldexp(-mantissa if negative else mantissa, exponent), dtype=torch.float64).to(dtype)
+    assume(bool(torch.isfinite(value)) and value.item() != 0.0)
+    a, b = tensor((batch, 3), dtype, seed=seed), tensor((batch, 3), dtype, seed=seed + 1)
+    a[:, 1] = value
+    try:
+        ops.cross_correlation_matrix(a, b)
+        raise AssertionError(f"constant column {value.item()!r} at batch {batch} was not reported")
+    except RuntimeError as err:
+        assert "column 1 of a is constant over the batch" in str(err), err
+    _, stats, _ = torch.ops.fcl_ext.cross_correlation_matrix(a, b, True, 1e-5)
+    assert stats[0, 1].item() == value.item()
+    assert abs(stats[1, 1].item() * 1e-5 ** 0.5 - 1.0) < 8 * torch.finfo(dtype).eps
+
+
+@given(batch=st.integers(2, 40), k=st.integers(1, 4), dtype=st.sampled_from([torch.float32, torch.float64]),
+       where=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 16))
+@example(batch=16, k=3, dtype=torch.float32, where=0.043, seed=1)  # a subnormal / rounding case, run every time
+@example(batch=16, k=3, dtype=torch.float64, where=0.0176, seed=1)  # a subnormal / rounding case, run every time
+def test_matrix_does_not_change_when_a_column_is_scaled_by_a_power_of_two(batch, k, dtype, where, seed):
+    # With eps = 0, M is invariant to scaling a column by 2^e (exact), over the whole range of the dtype:
+    # subnormal columns and columns near the largest finite value included. Where 1/std of the scaled column is
+    # beyond the dtype's range the op must say so (not NaN, not "constant").
+    a, b = tensor((batch, k), dtype, seed=seed), tensor((batch, k), dtype, seed=seed + 1)
+    assume(bool((a.double().var(0) > 0).all() and (b.double().var(0) > 0).all()))
+    info = torch.finfo(dtype)
+    lo, hi = EXPONENT_RANGE[dtype]
+    exponent = lo + round(where * (hi - lo))
+    scaled = a.clone()
+    scaled[:, 0] = (a[:, 0].double() * 2.0 ** (exponent // 2) * 2.0 ** (exponent - exponent // 2)).to(dtype)
+    col = scaled[:, 0].double()
+    assume(bool(torch.isfinite(col).all()))
+    # subnormal results lose digits when rounded: compare with the column as it is after rounding
+    std = col.std().item()
+    if std == 0.0:
+        return  # rounded to one value (or flushed to 0): the constant-column test's case
+    if abs(1.0 / std / info.max - 1.0) < 1e-4:
+        return  # 1/std within rounding of the largest finite value: either outcome is right
+    if 1.0 / std > info.max:
+        try:
+            ops.cross_correlation_matrix(scaled, b)
+            raise AssertionError(f"1/std = {1 / std:.3g} overflows {dtype} but no error was raised")
+        except RuntimeError as err:
+            assert "column 0 of a varies, but its standard deviation is so small" in str(err), err
+        return
+    m = ops.cross_correlation_matrix(scaled, b)
+    unit = scaled.double()
+    unit[:, 0] = col / col.abs().max()  # the same column at unit scale (a positive factor: M unchanged)
+    m64 = reference.cross_correlation_matrix(unit, b.double())
+    cond, _ = _worst_column(unit, b.double())
+    assert_like_twin(m, m64, dtype, floor=1.0, compute_scale=cond * batch, what=f"matrix, column 0 scaled by 2^{exponent}")

@@ -3,7 +3,7 @@ inputs against the float64 twin (values and gradients, every float dtype, non-co
 empty, extreme scales), random invalid inputs, NaN/Inf inputs, and crash-isolated direct
 torch.ops calls. Example counts: the hypothesis profile."""
 import torch
-from hypothesis import given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from fcl_ext import ops, reference
@@ -140,3 +140,39 @@ def test_direct_matching_op_calls_never_crash():
 
 def test_direct_lbfgs_op_calls_never_crash():
     assert run_op_fuzz("lbfgs")["cases"] > 0
+
+
+@given(k=st.integers(1, 4), p=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.float64]),
+       where=st.floats(0.0, 1.0), closeness=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2 ** 16))
+@example(k=2, p=33, dtype=torch.float32, where=0.043, closeness=1.0, seed=1)  # a subnormal / rounding case, run every time
+@example(k=2, p=33, dtype=torch.float64, where=0.0176, closeness=1.0, seed=1)  # a subnormal / rounding case, run every time
+def test_cosine_does_not_change_when_a_row_is_scaled_by_a_power_of_two(k, p, dtype, where, closeness, seed):
+    # The cosine loss is invariant to g -> 2^e g (exact) and its gradient scales by 2^-e, over the whole range of
+    # the dtype (rows whose largest entry is subnormal or near the largest finite value included).
+    lo, hi = {torch.float32: (-152, 125), torch.float64: (-1077, 1020)}[dtype]  # subnormal .. near the largest
+    exponent = lo + round(where * (hi - lo))
+    g = tensor((k, p), dtype, seed=seed)
+    t = (g.double() + closeness * tensor((k, p), torch.float64, seed=seed + 1)).to(dtype)
+    half = exponent // 2
+    scaled = (g.double() * 2.0 ** half * 2.0 ** (exponent - half)).to(dtype)
+    assume(bool(torch.isfinite(scaled).all()) and bool((scaled != 0).any(dim=1).all()))
+    # the rows as rounded (subnormals lose digits), brought back to unit scale exactly: the oracle's input
+    unit = scaled.double() * 2.0 ** -half * 2.0 ** -(exponent - half)
+    g_op, _ = leaf(scaled)
+    out = ops.gradient_matching_loss(g_op, t, metric="cosine")
+    g64 = unit.requires_grad_()
+    exact = reference.gradient_matching_loss(g64, t.double(), metric="cosine")
+    assert_like_twin(out, exact, dtype, floor=1.0, compute_scale=float(p), what=f"cosine, g scaled by 2^{exponent}")
+    # d loss / d g at scale 2^e is 2^-e times the unit-scale one: an upstream gradient 2^u with u = e clipped to
+    # what the dtype holds keeps the result in range
+    limit = 120 if dtype == torch.float32 else 1000
+    up_exp = max(-limit, min(limit, exponent))
+    up = torch.full((k,), 2.0 ** up_exp, dtype=torch.float64)
+    gr, = torch.autograd.grad(out, g_op, up.to(dtype))
+    gr64, = torch.autograd.grad(exact, g64, up)
+    expected = gr64 * 2.0 ** -half * 2.0 ** -(exponent - half)
+    assert torch.isfinite(expected).all()
+    # the gradient's natural size, up 2^-e / |g| (its entries can cancel to 0, e.g. at p = 1)
+    natural = 2.0 ** (up_exp - exponent) / float(unit.norm(dim=1).min())
+    assert_like_twin(gr, expected, dtype, cond=4.0, compute_scale=natural * p,
+                     what=f"cosine grad, g scaled by 2^{exponent}")

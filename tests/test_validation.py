@@ -239,3 +239,21 @@ def test_softmax_entropy_op_with_zero_classes_and_rows_left_raises():
         OPS._softmax_entropy_backward(torch.ones(3), torch.zeros(3, 0), torch.zeros(0, 3), 0.0)
     h, stats = OPS.softmax_entropy(torch.zeros(0, 0), 0.0)      # nothing to compute: empty, as before
     assert h.shape == (0,) and stats.shape == (0, 3)
+
+
+def test_device_error_codes_match_the_kernels_and_each_has_a_message():
+    # csrc/cuda/kernel_utils.cuh and fcl_ext/device_errors.py keep one list of codes; a code the Python side does
+    # not know would reach a user as "unknown error code".
+    import re
+    from pathlib import Path
+
+    from fcl_ext import device_errors
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "kernel_utils.cuh").read_text()
+    enum = re.search(r"enum DeviceErrorCode[^{]*\{(.*?)\};", header, re.S).group(1)
+    codes = {name: int(value) for name, value in re.findall(r"kErr(\w+)\s*=\s*(\d+)", enum)}
+    assert codes.pop("None") == 0 and len(codes) >= 5
+    for name, value in codes.items():
+        python_name = re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()  # TinyStdColumn -> TINY_STD_COLUMN
+        assert getattr(device_errors, python_name) == value, name
+        text = device_errors.describe(dict(code=value, op=3, index=1, value=0, bound=4, what=0, count=1))
+        assert "unknown error code" not in text, name

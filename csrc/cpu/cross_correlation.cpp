@@ -37,9 +37,10 @@ void for_column_chunks(int64_t B, int64_t K, const F& fn) {
   }
 }
 
-// mean and inv_std of column j of x [B, K] by a scaled two-pass: the column is scaled by a power of two (exact)
-// that brings its largest |entry| to [1, 2), so neither x - mean nor its square over- or underflows; var is then
-// scaled back inside inv_std = 2^-e / sqrt(var_hat + eps 2^-2e). A NaN (or inf) entry gives a NaN inv_std.
+// mean and inv_std of column j of x [B, K] by a scaled, shifted two-pass: the column is scaled by a power of two
+// (exact) that brings its largest |entry| to [1, 2), so neither x - mean nor its square over- or underflows; var is then
+// scaled back inside inv_std (math::scaled_inv_std). A NaN (or inf) entry gives a NaN inv_std; inv_std is inf
+// only where 1/std itself is beyond the type's range (eps == 0, std below ~1e-38 in float).
 template <typename scalar_t, typename acc_t>
 void column_stats_scaled(const scalar_t* x, int64_t B, int64_t K, int64_t j, acc_t n_var, acc_t eps, acc_t* mean,
                          acc_t* inv_std) {
@@ -55,17 +56,21 @@ void column_stats_scaled(const scalar_t* x, int64_t B, int64_t K, int64_t j, acc
     return;
   }
   const int e = std::ilogb(m);
-  const acc_t scale = std::ldexp(acc_t(1), -e);
+  const auto split = math::split_pow2(-e);  // two factors: 2^-e alone overflows for a subnormal m
+  const acc_t s1 = math::pow2<acc_t>(split.first), s2 = math::pow2<acc_t>(split.second);
+  // Shifted by the first (scaled) entry, so a constant column gives exactly mu = ss = 0 (a plain mean of B equal
+  // values rounds, and its error would pass for a variance).
+  const acc_t shift = static_cast<acc_t>(x[j]) * s1 * s2;
   acc_t sum = 0;
-  for (int64_t i = 0; i < B; ++i) sum += static_cast<acc_t>(x[i * K + j]) * scale;
+  for (int64_t i = 0; i < B; ++i) sum += static_cast<acc_t>(x[i * K + j]) * s1 * s2 - shift;
   const acc_t mu = sum / acc_t(B);
   acc_t ss = 0;
   for (int64_t i = 0; i < B; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i * K + j]) * scale - mu;
+    const acc_t d = (static_cast<acc_t>(x[i * K + j]) * s1 * s2 - shift) - mu;
     ss += d * d;
   }
-  *mean = std::ldexp(mu, e);
-  *inv_std = std::ldexp(acc_t(1) / std::sqrt(ss / n_var + std::ldexp(eps, -2 * e)), -e);
+  *mean = std::ldexp(shift + mu, e);
+  *inv_std = math::scaled_inv_std(ss / n_var, eps, e);
 }
 
 // mean and inv_std of every column of x [B, K]; one pass over the rows. Shifting by the first row
@@ -118,12 +123,19 @@ at::Tensor compute_stats(const at::Tensor& x, bool unbiased, double eps, const c
     acc_t* sp = stats.mutable_data_ptr<acc_t>();
     column_stats<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), B, K, unbiased, static_cast<acc_t>(eps), sp, sp + K);
     if (eps == 0) {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
       for (int64_t j = 0; j < K; ++j) {
         TORCH_CHECK(!std::isnan(sp[K + j]), "fcl_ext: cross_correlation: NaN in column ", j, " of ", name,
                     " (a NaN or infinite entry makes its variance NaN), so the correlation would be NaN.");
-        TORCH_CHECK(std::isfinite(sp[K + j]), "fcl_ext: cross_correlation: column ", j, " of ", name,
+        if (std::isfinite(sp[K + j])) continue;
+        bool constant = true;  // the error path only: tell a constant column from a tiny-but-varying one
+        for (int64_t i = 1; i < B && constant; ++i) constant = xp[i * K + j] == xp[j];
+        TORCH_CHECK(!constant, "fcl_ext: cross_correlation: column ", j, " of ", name,
                     " is constant over the batch (zero variance), so standardising it divides by zero. "
                     "Pass eps > 0 (e.g. eps=1e-5) to allow constant columns.");
+        TORCH_CHECK(false, "fcl_ext: cross_correlation: column ", j, " of ", name, " varies, but its standard "
+                    "deviation is so small that 1/std overflows ", x.scalar_type(), "'s accumulation type. Pass "
+                    "eps > 0 or compute in float64.");
       }
     }
   });

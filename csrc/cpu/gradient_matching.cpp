@@ -77,19 +77,22 @@ inline bool cosine_row_exponents(const T* g, const T* t, int64_t n, int* eg, int
 template <typename T>
 inline void scaled_cosine_sums(const T* g, const T* t, int64_t n, int eg, int et, T* dot, T* gg, T* tt) {
   using Vec = Vectorized<T>;
-  const T sg = std::ldexp(T(1), -eg), st = std::ldexp(T(1), -et);
-  const Vec vsg(sg), vst(st);
+  // each scale as two factors: 2^-e alone overflows where the largest entry is subnormal (math::split_pow2)
+  const auto pg = math::split_pow2(-eg), pt = math::split_pow2(-et);
+  const T sg1 = math::pow2<T>(pg.first), sg2 = math::pow2<T>(pg.second);
+  const T st1 = math::pow2<T>(pt.first), st2 = math::pow2<T>(pt.second);
+  const Vec vsg1(sg1), vsg2(sg2), vst1(st1), vst2(st2);
   Vec vd(0), va(0), vb(0);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec a = Vec::loadu(g + i) * vsg, b = Vec::loadu(t + i) * vst;
+    const Vec a = Vec::loadu(g + i) * vsg1 * vsg2, b = Vec::loadu(t + i) * vst1 * vst2;
     vd = at::vec::fmadd(a, b, vd);
     va = at::vec::fmadd(a, a, va);
     vb = at::vec::fmadd(b, b, vb);
   }
   T d = cpu::vec_hsum(vd), a2 = cpu::vec_hsum(va), b2 = cpu::vec_hsum(vb);
   for (; i < n; ++i) {
-    const T a = g[i] * sg, b = t[i] * st;
+    const T a = g[i] * sg1 * sg2, b = t[i] * st1 * st2;
     d += a * b;
     a2 += a * a;
     b2 += b * b;
@@ -123,13 +126,17 @@ template <typename T>
 inline bool rescaled_cosine_backward(const T* g, const T* t, int64_t n, T up, T* out) {
   int eg = 0, et = 0;
   if (!cosine_row_exponents(g, t, n, &eg, &et)) return false;
-  const T sg = std::ldexp(T(1), -eg), st = std::ldexp(T(1), -et);
+  const auto pg = math::split_pow2(-eg), pt = math::split_pow2(-et);
+  const T sg1 = math::pow2<T>(pg.first), sg2 = math::pow2<T>(pg.second);
+  const T st1 = math::pow2<T>(pt.first), st2 = math::pow2<T>(pt.second);
   T dot, gg, tt, A, B;
   scaled_cosine_sums(g, t, n, eg, et, &dot, &gg, &tt);
   math::cosine_matching_grad_coeffs(dot, gg, tt, &A, &B);
-  const double up_sg = static_cast<double>(up) * std::ldexp(1.0, -eg);
-  const T ca = static_cast<T>(up_sg * static_cast<double>(A)), cb = static_cast<T>(up_sg * static_cast<double>(B));
-  for (int64_t i = 0; i < n; ++i) out[i] = ca * (g[i] * sg) - cb * (t[i] * st);
+  // up 2^-eg A and up 2^-eg B in double, the power of two applied by ldexp last (never formed on its own, where
+  // it may overflow; a zero A stays 0)
+  const T ca = static_cast<T>(std::ldexp(static_cast<double>(up) * static_cast<double>(A), -eg));
+  const T cb = static_cast<T>(std::ldexp(static_cast<double>(up) * static_cast<double>(B), -eg));
+  for (int64_t i = 0; i < n; ++i) out[i] = ca * (g[i] * sg1 * sg2) - cb * (t[i] * st1 * st2);
   return true;
 }
 

@@ -68,32 +68,39 @@ __device__ void column_stats_scaled(const scalar_t* __restrict__ x, int64_t B, i
     return;
   }
   const int e = ::ilogb(m);
-  const acc_t scale = ::ldexp(acc_t(1), -e);
+  const auto split = math::split_pow2(-e);  // two factors: 2^-e alone overflows for a subnormal m
+  const acc_t s1 = math::pow2<acc_t>(split.first), s2 = math::pow2<acc_t>(split.second);
+  // shifted by the first (scaled) entry: a constant column gives exactly mu = ss = 0 (as on the CPU)
+  const acc_t shift = static_cast<acc_t>(x[col]) * s1 * s2;
   acc_t sum = 0;
-  for (int64_t i = lane; i < B; i += kLanes) sum += static_cast<acc_t>(x[i * K + col]) * scale;
+  for (int64_t i = lane; i < B; i += kLanes) sum += static_cast<acc_t>(x[i * K + col]) * s1 * s2 - shift;
   if (kLanes > 1) sum = cuda::warp_sum(sum);
   const acc_t mu = sum / acc_t(B);
   acc_t ss = 0;
   for (int64_t i = lane; i < B; i += kLanes) {
-    const acc_t d = static_cast<acc_t>(x[i * K + col]) * scale - mu;
+    const acc_t d = (static_cast<acc_t>(x[i * K + col]) * s1 * s2 - shift) - mu;
     ss += d * d;
   }
   if (kLanes > 1) ss = cuda::warp_sum(ss);
-  *mean = ::ldexp(mu, e);
-  *inv_std = ::ldexp(acc_t(1) / ::sqrt(ss / n_var + ::ldexp(eps, -2 * e)), -e);
+  *mean = ::ldexp(shift + mu, e);
+  *inv_std = math::scaled_inv_std(ss / n_var, eps, e);
 }
 
 // A column the correlation cannot standardise, recorded as the CPU raises it (`which`: 0 = a, 1 = b): with
-// eps == 0 a NaN inv_std (a NaN or inf entry: "NaN in column"), and a zero variance (inv_std = inf: "constant").
-template <typename acc_t>
+// eps == 0 a NaN inv_std (a NaN or inf entry: "NaN in column"), and an infinite one: "constant" where every entry
+// equals the first (read again here, on the error path only), else a varying column whose 1/std overflows.
+template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ bool report_bad_column(long long* errors, acc_t inv_std, acc_t eps, int64_t col, int64_t K,
-                                                  int which) {
+                                                  int which, const scalar_t* __restrict__ x, int64_t B) {
   if (eps == acc_t(0) && inv_std != inv_std) {
     cuda::report_device_error(errors, cuda::kErrNanColumn, cuda::kOpCrossCorrelation, col, 0, K, which);
     return true;
   }
   if (inv_std == std::numeric_limits<acc_t>::infinity()) {
-    cuda::report_device_error(errors, cuda::kErrConstantColumn, cuda::kOpCrossCorrelation, col, 0, K, which);
+    bool constant = true;
+    for (int64_t i = 1; i < B && constant; ++i) constant = x[i * K + col] == x[col];
+    cuda::report_device_error(errors, constant ? cuda::kErrConstantColumn : cuda::kErrTinyStdColumn,
+                              cuda::kOpCrossCorrelation, col, 0, K, which);
     return true;
   }
   return false;
@@ -151,7 +158,7 @@ __global__ void column_stats_finish_kernel(const scalar_t* __restrict__ x, const
   }
   mean[col] = mu;
   inv_std[col] = inv;
-  report_bad_column(errors, inv, eps, col, K, which);
+  report_bad_column(errors, inv, eps, col, K, which, x, B);
 }
 
 // out = (x - mean) * inv_std * scale; thread = one column (coalesced), rows strided over grid.y (no
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     for (int64_t c = 0; c < Ka + Kb; ++c) {
       const bool is_a = c < Ka;
       if (report_bad_column(errors, is_a ? inv_a[c] : inv_b[c - Ka], eps, is_a ? c : c - Ka, is_a ? Ka : Kb,
-                            is_a ? 0 : 1)) {
+                            is_a ? 0 : 1, is_a ? a : b, B)) {
         break;
       }
     }

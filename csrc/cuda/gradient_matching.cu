@@ -48,10 +48,13 @@ __device__ bool block_scaled_cosine_sums(const scalar_t* __restrict__ gr, const 
   if (!(math::is_finite(mg) && math::is_finite(mt)) || mg == opmath_t(0) || mt == opmath_t(0)) return false;
   *eg = ::ilogb(mg);
   *et = ::ilogb(mt);
-  const opmath_t sg = ::ldexp(opmath_t(1), -*eg), st = ::ldexp(opmath_t(1), -*et);
+  // each scale as two factors: 2^-e alone overflows where the largest entry is subnormal (math::split_pow2)
+  const auto pg = math::split_pow2(-*eg), pt = math::split_pow2(-*et);
+  const opmath_t sg1 = math::pow2<opmath_t>(pg.first), sg2 = math::pow2<opmath_t>(pg.second);
+  const opmath_t st1 = math::pow2<opmath_t>(pt.first), st2 = math::pow2<opmath_t>(pt.second);
   opmath_t d = 0, a2 = 0, b2 = 0;
   for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
-    const opmath_t a = static_cast<opmath_t>(gr[i]) * sg, b = static_cast<opmath_t>(tr[i]) * st;
+    const opmath_t a = static_cast<opmath_t>(gr[i]) * sg1 * sg2, b = static_cast<opmath_t>(tr[i]) * st1 * st2;
     d += a * b;
     a2 += a * a;
     b2 += b * b;
@@ -178,7 +181,7 @@ __global__ void __launch_bounds__(256)
   for (int64_t k = blockIdx.y; k < K; k += gridDim.y) {  // grid.y is at most 65535
     const opmath_t up = static_cast<opmath_t>(grad_loss[k]);
     const opmath_t* st = stats + 3 * k;
-    opmath_t a = 2 * up, b = 2 * up, sg = 1, stt = 1;
+    opmath_t a = 2 * up, b = 2 * up, sg1 = 1, sg2 = 1, st1 = 1, st2 = 1;
     if (cosine) {
       int eg, et;
       opmath_t dot, gg, tt;
@@ -190,18 +193,21 @@ __global__ void __launch_bounds__(256)
       } else {
         opmath_t A, B;
         math::cosine_matching_grad_coeffs(dot, gg, tt, &A, &B);
-        const double up_sg = static_cast<double>(up) * ::ldexp(1.0, -eg);
-        a = static_cast<opmath_t>(up_sg * static_cast<double>(A));
-        b = static_cast<opmath_t>(up_sg * static_cast<double>(B));
-        sg = ::ldexp(opmath_t(1), -eg);
-        stt = ::ldexp(opmath_t(1), -et);
+        // the power of two by ldexp last, in double (never formed on its own, where it may overflow)
+        a = static_cast<opmath_t>(::ldexp(static_cast<double>(up) * static_cast<double>(A), -eg));
+        b = static_cast<opmath_t>(::ldexp(static_cast<double>(up) * static_cast<double>(B), -eg));
+        const auto pg = math::split_pow2(-eg), pt = math::split_pow2(-et);
+        sg1 = math::pow2<opmath_t>(pg.first);
+        sg2 = math::pow2<opmath_t>(pg.second);
+        st1 = math::pow2<opmath_t>(pt.first);
+        st2 = math::pow2<opmath_t>(pt.second);
       }
     }
 #pragma unroll 4
     for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < P; i += (int64_t)gridDim.x * blockDim.x) {
       const int64_t at = k * P + i;
-      out[at] = static_cast<scalar_t>(math::matching_grad(cosine, a, b, static_cast<opmath_t>(g[at]) * sg,
-                                                          static_cast<opmath_t>(t[at]) * stt));
+      out[at] = static_cast<scalar_t>(math::matching_grad(cosine, a, b, static_cast<opmath_t>(g[at]) * sg1 * sg2,
+                                                          static_cast<opmath_t>(t[at]) * st1 * st2));
     }
   }
 }

@@ -24,7 +24,8 @@ enum DeviceErrorCode : long long {
   kErrLabelRange = 1,
   kErrConstantColumn = 2,
   kErrHistoryRange = 3,
-  kErrNanColumn = 4
+  kErrNanColumn = 4,
+  kErrTinyStdColumn = 5
 };
 enum DeviceErrorOp : long long { kOpGlfcLoss = 1, kOpDualDistillation = 2, kOpCrossCorrelation = 3, kOpLbfgsDirection = 4 };
 

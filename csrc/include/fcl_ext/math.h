@@ -146,6 +146,36 @@ C10_HOST_DEVICE inline bool sum_of_squares_in_range(T x, int64_t n) {
   return x >= lo && x <= std::numeric_limits<T>::max();
 }
 
+// ---- power-of-two scaling of tiny or huge vectors (issue 17) ----
+// The rescaled passes bring a vector's largest |entry| to [1, 2) by an exact power of two 2^-e. For a vector whose
+// largest entry is subnormal, 2^-e alone is not representable (2^149 in float, 2^1074 in double), so the factor is
+// applied as two halves, each in range; a product by a power of two is exact both times.
+struct Pow2Scale {
+  int first, second;  // exponents of the two factors, first + second = the whole exponent
+};
+
+C10_HOST_DEVICE inline Pow2Scale split_pow2(int e) {
+  return {e / 2, e - e / 2};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T pow2(int e) {
+  return ::ldexp(T(1), e);
+}
+
+// inv_std = 2^-e / sqrt(var_hat + eps 2^-2e) of a column whose values, scaled by 2^-e, have variance var_hat.
+// A constant column (var_hat == 0) gets exactly 1 / sqrt(eps), whatever e (eps 2^-2e may underflow to 0 for a
+// huge column). Where eps 2^-2e overflows (a column tiny next to eps), eps dominates and
+// inv_std = 1 / sqrt(var_hat 2^2e + eps). inf only for eps == 0 with a constant column or where the true value
+// is beyond the type's range (a standard deviation below ~3e-39 in float).
+template <typename T>
+C10_HOST_DEVICE inline T scaled_inv_std(T var_hat, T eps, int e) {
+  if (var_hat == T(0)) return T(1) / ::sqrt(eps);
+  const T eps_hat = ::ldexp(eps, -2 * e);
+  if (eps_hat <= std::numeric_limits<T>::max()) return ::ldexp(T(1) / ::sqrt(var_hat + eps_hat), -e);
+  return T(1) / ::sqrt(::ldexp(var_hat, 2 * e) + eps);
+}
+
 // One element of the matching backward: cosine a g - b t; l2 a (g - t) with a = 2 grad (no a g - a t overflow).
 template <typename T>
 C10_HOST_DEVICE inline T matching_grad(bool cosine, T a, T b, T g, T t) {
