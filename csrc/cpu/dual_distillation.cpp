@@ -29,13 +29,6 @@ const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
 
 using at::vec::Vectorized;
 
-// The last, partial vector of a row with the missing lanes set to `fill`: FCCL rows have 10 or 65
-// logits, so a scalar tail loop (scalar exp) would cost more than the vector body.
-template <typename T>
-inline Vectorized<T> load_tail(const T* x, int64_t count, T fill) {
-  return Vectorized<T>::set(Vectorized<T>(fill), Vectorized<T>::loadu(x, count), count);
-}
-
 // NaN-propagating row max (a NaN logit makes the row's result NaN, see row_forward).
 template <typename T>
 T row_max(const T* x, int64_t n) {
@@ -44,7 +37,7 @@ T row_max(const T* x, int64_t n) {
   Vec vm(neg_inf);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-  if (i < n) vm = at::vec::maximum(vm, load_tail(x + i, n - i, neg_inf));
+  if (i < n) vm = at::vec::maximum(vm, cpu::load_tail(x + i, n - i, neg_inf));
   T tmp[Vec::size()];
   vm.store(tmp);
   T m = neg_inf;
@@ -59,7 +52,9 @@ T sum_exp(const T* x, int64_t n, T m, T scale) {
   Vec acc(0), vm(m), vscale(scale);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + cpu::fast_exp((Vec::loadu(x + i) - vm) * vscale);
-  if (i < n) acc = acc + cpu::fast_exp((load_tail(x + i, n - i, -std::numeric_limits<T>::infinity()) - vm) * vscale);
+  if (i < n) {
+    acc = acc + cpu::fast_exp((cpu::load_tail(x + i, n - i, -std::numeric_limits<T>::infinity()) - vm) * vscale);
+  }
   return cpu::vec_hsum(acc);
 }
 
@@ -109,7 +104,8 @@ acc_t row_forward(const acc_t* s, const acc_t* t1, const acc_t* t2, int64_t C, i
     int64_t c = 0;
     for (; c + Vec::size() <= C; c += Vec::size()) accumulate(Vec::loadu(t + c), Vec::loadu(s + c));
     if (c < C) {
-      accumulate(load_tail(t + c, C - c, -std::numeric_limits<acc_t>::infinity()), load_tail(s + c, C - c, acc_t(0)));
+      accumulate(cpu::load_tail(t + c, C - c, -std::numeric_limits<acc_t>::infinity()),
+                 cpu::load_tail(s + c, C - c, acc_t(0)));
     }
     const acc_t z = cpu::vec_hsum(vz), gap = cpu::vec_hsum(vgap);
     const acc_t log_z = std::log(z);

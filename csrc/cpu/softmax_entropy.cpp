@@ -39,13 +39,15 @@ inline T entropy_row(const T* x, int64_t n, T eps, T* stats, std::vector<T>& e_b
     vt = vt + Vec::blendv(e * d, zero, e == zero);
     if (keep) e.store(eb + i);
   }
-  T s = cpu::vec_hsum(vs), t = cpu::vec_hsum(vt);
-  for (; i < n; ++i) {
-    T d = x[i] - m, e = std::exp(d);
-    s += e;
-    t += e == T(0) ? T(0) : e * d;
-    if (keep) eb[i] = e;
+  if (i < n) {  // the tail as one vector; its lanes past the row are -inf logits, e = 0 (masked to be sure)
+    const int64_t r = n - i;
+    Vec d = cpu::load_tail(x + i, r, -std::numeric_limits<T>::infinity()) - vm;
+    Vec e = Vec::set(zero, cpu::fast_exp(d), r);
+    vs = vs + e;
+    vt = vt + Vec::blendv(e * d, zero, e == zero);
+    if (keep) e.store(eb + i, r);
   }
+  const T s = cpu::vec_hsum(vs), t = cpu::vec_hsum(vt);
   const T log_s = std::log(s);
   stats[0] = m;
   stats[1] = log_s;
@@ -64,12 +66,13 @@ inline T entropy_row(const T* x, int64_t n, T eps, T* stats, std::vector<T>& e_b
     vh = vh + p * cpu::fast_log(pe);
     vq = vq + p * p / pe;
   }
-  T h = cpu::vec_hsum(vh), q = cpu::vec_hsum(vq);
-  for (; i < n; ++i) {
-    T p = eb[i] * inv_s;
-    h += p * std::log(p + eps);
-    q += p * p / (p + eps);
+  if (i < n) {  // the tail: lanes past the row have p = 0 and add nothing (eps > 0 here)
+    Vec p = Vec::loadu(eb + i, n - i) * vinv;
+    Vec pe = p + veps;
+    vh = vh + p * cpu::fast_log(pe);
+    vq = vq + p * p / pe;
   }
+  T h = cpu::vec_hsum(vh), q = cpu::vec_hsum(vq);
   h = -h;
   stats[2] = h - q;
   return h;
@@ -84,10 +87,9 @@ inline void entropy_row_backward(const T* x, int64_t n, T eps, const T* stats, T
     cpu::fill_nan(out, n);
     return;
   }
-  int64_t i = 0;
   Vec vm(m), vls(log_s), vabar(abar), vg(g), one(1), zero(0), veps(eps);
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec logp = (Vec::loadu(x + i) - vm) - vls;
+  auto grad_of = [&](const Vec& xv) {
+    Vec logp = (xv - vm) - vls;
     Vec p = cpu::fast_exp(logp);
     Vec a;
     if (eps == T(0)) {
@@ -96,14 +98,12 @@ inline void entropy_row_backward(const T* x, int64_t n, T eps, const T* stats, T
       Vec pe = p + veps;
       a = zero - (cpu::fast_log(pe) + p / pe);
     }
-    Vec r = vg * p * (a - vabar);
-    r = Vec::blendv(r, zero, p == zero);  // -inf logits get zero gradient, not NaN
-    r.store(out + i);
-  }
-  for (; i < n; ++i) {
-    T logp = (x[i] - m) - log_s, p = std::exp(logp);
-    out[i] = p == T(0) ? T(0) : g * p * (math::entropy_dp(p, logp, eps) - abar);
-  }
+    return Vec::blendv(vg * p * (a - vabar), zero, p == zero);  // -inf logits get zero gradient, not NaN
+  };
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) grad_of(Vec::loadu(x + i)).store(out + i);
+  // the tail as one vector (lanes past the row: -inf logits, gradient 0, not stored)
+  if (i < n) grad_of(cpu::load_tail(x + i, n - i, -std::numeric_limits<T>::infinity())).store(out + i, n - i);
 }
 
 std::tuple<at::Tensor, at::Tensor> softmax_entropy_cpu(const at::Tensor& logits, double eps) {

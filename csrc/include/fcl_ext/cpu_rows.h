@@ -96,6 +96,15 @@ inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& v) 
 }
 inline at::vec::Vectorized<double> fast_log(const at::vec::Vectorized<double>& v) { return v.log(); }
 
+// The last `count` (< Vec::size()) entries of a row as one vector, the lanes past the row set to `fill`: the tail
+// then goes through the body's SIMD math (one scalar libm exp + log per tail element cost about as much as the whole
+// vector body at C = 100).
+template <typename T>
+inline at::vec::Vectorized<T> load_tail(const T* x, int64_t count, T fill) {
+  using Vec = at::vec::Vectorized<T>;
+  return Vec::set(Vec(fill), Vec::loadu(x, count), count);
+}
+
 template <typename T>
 inline T vec_hsum(const at::vec::Vectorized<T>& v) {
   T tmp[at::vec::Vectorized<T>::size()];
