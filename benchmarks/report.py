@@ -153,6 +153,12 @@ def regenerate(docs: Path):
     lines += ["## Results", ""]
     for run in sorted(runs, key=lambda r: (r["gpu"] is None, r["machine"])):
         lines += render_run(run)
+    compare = docs / "perf" / "COMPARE.md"  # written by benchmarks.compare_builds --out
+    if compare.exists():
+        lines += ["## This commit against an earlier one, side by side", "",
+                  "`python -m benchmarks.compare_builds --old <checkout> --out docs/perf/COMPARE.md`: both builds "
+                  "timed alternately in one session with the same harness (median of the per-round medians).", "",
+                  compare.read_text().strip(), ""]
     profiles = sorted((docs / "perf").glob("profile_*.md"))
     if profiles:
         lines += ["## Where a round's time goes", "",

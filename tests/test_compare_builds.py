@@ -54,3 +54,13 @@ def test_the_harness_times_the_package_it_is_pointed_at(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     timed = json.loads(out.read_text())["benchmarks"]
     assert timed and all(b["extra_info"]["impl"] == "fcl_ext" for b in timed)
+
+
+def test_report_includes_the_side_by_side_table(tmp_path):
+    from benchmarks import report
+    docs = tmp_path / "docs"
+    (docs / "perf").mkdir(parents=True)
+    (docs / "perf" / "COMPARE.md").write_text("| op | x |\n|---|---|\n| softmax_entropy | 0.97× |\n")
+    report.regenerate(docs)
+    text = (docs / "performance.md").read_text()
+    assert "side by side" in text and "| softmax_entropy | 0.97× |" in text
