@@ -488,3 +488,39 @@ def test_subnormal_columns_standardise_like_the_float64_twin(dtype, tiny):
         loss_ref = reference.cross_correlation_loss(a_ref if eps == 0.0 else a.double(), b.double(), eps=eps,
                                                     **fccl_weights)
         torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exponent", [56, 58, 59, 60, 61, 62])
+def test_float32_columns_near_1e18_keep_their_variance(exponent):
+    # The one-pass variance formed s1 * s1 (sum of deviations squared): for float32 columns near 2^59..2^60 that
+    # product overflowed while the sum of squares did not, the variance clamped to 0 and inv_std came out
+    # 1/sqrt(eps) (or "constant" with eps = 0). The large hypothesis profile found it.
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(16, 2, generator=g, dtype=torch.float64) * 2.0 ** exponent).float()
+    b = torch.randn(16, 2, generator=g)
+    for eps in (0.0, 1e-5):
+        _, stats, _ = torch.ops.fcl_ext.cross_correlation_matrix(a, b, True, eps)
+        expected = 1.0 / torch.sqrt(a.double().var(0) + eps)
+        torch.testing.assert_close(stats[1].double(), expected, rtol=1e-5, atol=0)
+        _matrix_vs_float64_twin(a, b, eps=eps)
+
+
+def test_columns_whose_deviation_from_the_mean_overflows_standardise_like_the_twin():
+    # Values near -3e38 with one near +3.3e38: the mean is about -2.6e38, so x - mean (5.9e38) overflowed float32
+    # in the standardisation although x_hat is O(1). Found by the power-of-two scaling property at 2^127.
+    a = torch.full((8, 2), -3.0e38)
+    a[:, 0] += torch.linspace(0, 1e37, 8)
+    a[3, 0] = 3.3e38
+    a[:, 1] = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    b = torch.randn(8, 2, generator=torch.Generator().manual_seed(2)) + 1e-38 * a.double().float().nan_to_num()
+    for eps in (0.0, 1e-5):
+        _matrix_vs_float64_twin(a, b, eps=eps)
+        a_leaf = a.clone().requires_grad_()
+        loss = ops.cross_correlation_loss(a_leaf, b.detach(), eps=eps)
+        grad, = torch.autograd.grad(loss, a_leaf)
+        a64 = a.double().requires_grad_()
+        loss64 = reference.cross_correlation_loss(a64, b.double(), eps=eps)
+        grad64, = torch.autograd.grad(loss64, a64)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        torch.testing.assert_close(loss.double(), loss64, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad.double(), grad64, rtol=1e-3, atol=1e-3 * float(grad64.abs().max()))

@@ -427,6 +427,22 @@ def test_cross_correlation_subnormal_column_like_cpu(path):
     torch.testing.assert_close(results["cuda"][1][0], results["cpu"][1][0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["fused", "split-B", "cublas"])
+def test_cross_correlation_column_whose_deviation_overflows_like_cpu(path):
+    # x - mean beyond float's range (values near -3e38, one near +3.3e38): standardised from halves on every path
+    b, k = {"fused": (16, 3), "split-B": (8192, 8), "cublas": (16, 200)}[path]
+    a, bb = randn(b, k).float(), randn(b, k, seed=1).float()
+    a[:, 0] = -3.0e38
+    a[3, 0] = 3.3e38
+    a[5, 0] = -2.9e38
+    results = _on_devices(lambda x, y: fcl_ext.ops.cross_correlation_loss(x, y, eps=1e-5), [a, bb], [0])
+    fcl_ext.check_device_errors("cuda")
+    assert torch.isfinite(results["cuda"][0]).all() and torch.isfinite(results["cuda"][1][0]).all()
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results["cuda"][1][0], results["cpu"][1][0], rtol=1e-4,
+                               atol=1e-4 * float(results["cpu"][1][0].abs().max()))
+
+
 def _on_devices(fn, inputs, grad_idx):
     """fn and its gradients (of the sum) on CUDA (under sync-debug "error") and on the CPU, as float64 on the CPU."""
     results = {}

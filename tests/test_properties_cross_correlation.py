@@ -155,6 +155,8 @@ def test_constant_column_of_any_value_is_constant(batch, dtype, mantissa, where,
        where=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 16))
 @example(batch=16, k=3, dtype=torch.float32, where=0.043, seed=1)  # a subnormal / rounding case, run every time
 @example(batch=16, k=3, dtype=torch.float64, where=0.0176, seed=1)  # a subnormal / rounding case, run every time
+@example(batch=16, k=1, dtype=torch.float32, where=0.7578125, seed=0)  # 2^59: s1 * s1 overflowed, s2 did not
+@example(batch=17, k=1, dtype=torch.float32, where=1.0, seed=65490)  # 2^127: x - mean overflowed
 def test_matrix_does_not_change_when_a_column_is_scaled_by_a_power_of_two(batch, k, dtype, where, seed):
     # With eps = 0, M is invariant to scaling a column by 2^e (exact), over the whole range of the dtype:
     # subnormal columns and columns near the largest finite value included. Where 1/std of the scaled column is

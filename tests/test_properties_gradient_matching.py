@@ -36,7 +36,10 @@ def test_matching_valid_inputs_match_twin(k, p, dtype, layout, scale, closeness,
     if metric == "l2":
         assert_like_twin(gr, gr64, dtype, cond=2.0, compute_scale=top * scale * (1 + closeness), what="l2 grad")
     else:
-        assert_like_twin(gr, gr64, dtype, cond=4.0, compute_scale=top * p / scale, what="cosine grad")
+        # a g - b t: two terms of the gradient's natural size up / |g| whose coefficients carry ~5 roundings each
+        # (sums, sqrt, division), so where they cancel (p = 1, or t = g) ~10 ulp of that size remain (the large
+        # profile found 8 ulp at p = 1, t = g; float32 arithmetic would be 1e-7, not 1e-15)
+        assert_like_twin(gr, gr64, dtype, cond=4.0, compute_scale=4 * top * p / scale, what="cosine grad")
 
 
 @given(k=st.integers(1, 4), p=st.integers(1, 12), dtype=st.sampled_from([torch.float64, torch.float32]),

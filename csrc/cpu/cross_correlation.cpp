@@ -105,7 +105,9 @@ void column_stats(const scalar_t* x, int64_t B, int64_t K, bool unbiased, acc_t 
           column_stats_scaled(x, B, K, c0 + j, n_var, eps, mean + c0 + j, inv_std + c0 + j);
           continue;
         }
-        const acc_t var = std::max(acc_t(0), (s2[j] - s1[j] * s1[j] / acc_t(B)) / n_var);
+        // s1 (s1 / B) <= s2 (Cauchy-Schwarz), so it stays in range where s2 does; s1 * s1 alone overflowed for
+        // float columns near 1e18 (found by the power-of-two scaling property)
+        const acc_t var = std::max(acc_t(0), (s2[j] - s1[j] * (s1[j] / acc_t(B))) / n_var);
         mean[c0 + j] = shift[j] + s1[j] / acc_t(B);
         inv_std[c0 + j] = acc_t(1) / std::sqrt(var + eps);
       }
@@ -142,22 +144,29 @@ at::Tensor compute_stats(const at::Tensor& x, bool unbiased, double eps, const c
   return stats;
 }
 
-// x_hat = (x - mean) * inv_std * scale as a [B, K] accumulation-dtype tensor.
+// x_hat = (x - mean) * inv_std * scale as a [B, K] accumulation-dtype tensor (math::Standardiser: no overflow of
+// x - mean for columns near the top of the range).
 at::Tensor standardised(const at::Tensor& x, const at::Tensor& stats, double scale) {
   const int64_t B = x.size(0), K = x.size(1);
   auto hat = at::empty({B, K}, stats.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_correlation_standardise", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* mean = stats.const_data_ptr<acc_t>();
-    std::vector<acc_t> factor(K);
-    for (int64_t j = 0; j < K; ++j) factor[j] = stats.const_data_ptr<acc_t>()[K + j] * static_cast<acc_t>(scale);
+    const acc_t* st = stats.const_data_ptr<acc_t>();
+    // per-column factors of math::Standardiser as plain arrays, so the row loop stays vectorisable
+    std::vector<acc_t> pre(K), mean_pre(K), post(K);
+    for (int64_t j = 0; j < K; ++j) {
+      const auto f = math::make_standardiser(st[j], st[K + j] * static_cast<acc_t>(scale));
+      pre[j] = f.pre;
+      mean_pre[j] = f.mean_pre;
+      post[j] = f.post;
+    }
     acc_t* hp = hat.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B, small_job_grain(K), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* src = xp + i * K;
         acc_t* dst = hp + i * K;
-        for (int64_t j = 0; j < K; ++j) dst[j] = (static_cast<acc_t>(src[j]) - mean[j]) * factor[j];
+        for (int64_t j = 0; j < K; ++j) dst[j] = (static_cast<acc_t>(src[j]) * pre[j] - mean_pre[j]) * post[j];
       }
     });
   });

@@ -42,7 +42,7 @@ template <typename acc_t>
 __device__ __forceinline__ bool column_stats_from_sums(acc_t shift, acc_t s1, acc_t s2, int64_t B, acc_t n_var,
                                                        acc_t eps, acc_t* mean, acc_t* inv_std) {
   if (!math::sum_of_squares_in_range(s2, B)) return false;
-  const acc_t var = (s2 - s1 * s1 / acc_t(B)) / n_var;
+  const acc_t var = (s2 - s1 * (s1 / acc_t(B))) / n_var;  // s1 (s1 / B) <= s2: in range where s2 is (as on the CPU)
   *mean = shift + s1 / acc_t(B);
   *inv_std = acc_t(1) / ::sqrt((var > acc_t(0) ? var : acc_t(0)) + eps);
   return true;
@@ -168,9 +168,9 @@ __global__ void standardise_kernel(const scalar_t* __restrict__ x, int64_t B, in
                                    const acc_t* __restrict__ stats, acc_t scale, acc_t* __restrict__ out) {
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= K) return;
-  const acc_t mean = stats[j], inv = stats[K + j] * scale;
+  const auto standardise = math::make_standardiser(stats[j], stats[K + j] * scale);  // no x - mean overflow
 #pragma unroll 4
-  for (int64_t i = blockIdx.y; i < B; i += gridDim.y) out[i * K + j] = (static_cast<acc_t>(x[i * K + j]) - mean) * inv;
+  for (int64_t i = blockIdx.y; i < B; i += gridDim.y) out[i * K + j] = standardise(static_cast<acc_t>(x[i * K + j]));
 }
 
 // One block of kFusedThreads (launch bounds keep registers within a 1024-thread block): statistics of a
@@ -227,12 +227,14 @@ __global__ void __launch_bounds__(kFusedThreads)
   const acc_t inv_batch = acc_t(1) / acc_t(B);
   for (int64_t e = threadIdx.x; e < Ka * Kb; e += blockDim.x) {
     const int64_t u = e / Kb, v = e % Kb;
-    const acc_t mu_a = mean_a[u], mu_b = mean_b[v];
+    // standardised before the product, as on the CPU: (a - mu)(b - mu) alone overflows for large columns
+    const auto std_a = math::make_standardiser(mean_a[u], inv_a[u]);
+    const auto std_b = math::make_standardiser(mean_b[v], inv_b[v]);
     acc_t dot = 0;
     for (int64_t i = 0; i < B; ++i) {
-      dot += (static_cast<acc_t>(a[i * Ka + u]) - mu_a) * (static_cast<acc_t>(b[i * Kb + v]) - mu_b);
+      dot += std_a(static_cast<acc_t>(a[i * Ka + u])) * std_b(static_cast<acc_t>(b[i * Kb + v]));
     }
-    const acc_t m = dot * inv_a[u] * inv_b[v] * inv_batch;
+    const acc_t m = dot * inv_batch;
     if (matrix != nullptr) matrix[e] = static_cast<out_t>(m);
     partial += math::cross_corr_term(m, u == v, w, tau);
   }
@@ -350,7 +352,7 @@ __global__ void fused_small_backward_kernel(const scalar_t* __restrict__ a, cons
                                             acc_t n_var, bool need_a, bool need_b, scalar_t* __restrict__ grad_a,
                                             scalar_t* __restrict__ grad_b) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* coef = reinterpret_cast<acc_t*>(smem_raw);  // [Ky]: dL/dM(u, v) * inv_std_y[v] / B
+  acc_t* coef = reinterpret_cast<acc_t*>(smem_raw);  // [Ky]: dL/dM(u, v) / B
   __shared__ acc_t red[32];
   const bool for_a = blockIdx.x < Ka;
   if ((for_a && !need_a) || (!for_a && !need_b)) return;
@@ -367,27 +369,30 @@ __global__ void fused_small_backward_kernel(const scalar_t* __restrict__ a, cons
     const int64_t e = for_a ? u * Kb + v : v * Kb + u;  // M is [Ka, Kb]
     const acc_t g = from_loss ? scale * math::cross_corr_dterm(static_cast<acc_t>(gmat[e]), u == v, w, tau)
                               : static_cast<acc_t>(gmat[e]);
-    coef[v] = g * stats_y[Ky + v] / acc_t(B);
+    coef[v] = g / acc_t(B);
   }
   __syncthreads();
-  const acc_t mu = stats_x[u], inv = stats_x[Kx + u];
-  auto g_at = [&](int64_t i) {
+  const acc_t inv = stats_x[Kx + u];
+  const auto standardise_x = math::make_standardiser(stats_x[u], inv);
+  auto g_at = [&](int64_t i) {  // y standardised before the product (no y - mean overflow), as on the CPU
     const scalar_t* row = y + i * Ky;
     acc_t g = 0;
-    for (int64_t v = 0; v < Ky; ++v) g += (static_cast<acc_t>(row[v]) - mean_y[v]) * coef[v];
+    for (int64_t v = 0; v < Ky; ++v) {
+      g += math::make_standardiser(mean_y[v], stats_y[Ky + v])(static_cast<acc_t>(row[v])) * coef[v];
+    }
     return g;
   };
   acc_t gs = 0, gx = 0;
   for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
     const acc_t g = g_at(i);
     gs += g;
-    gx += g * (static_cast<acc_t>(x[i * Kx + u]) - mu) * inv;
+    gx += g * standardise_x(static_cast<acc_t>(x[i * Kx + u]));
   }
   gs = cuda::block_sum(gs, red);
   gx = cuda::block_sum(gx, red);
   const acc_t g_mean = gs / acc_t(B);
   for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
-    const acc_t x_hat = (static_cast<acc_t>(x[i * Kx + u]) - mu) * inv;
+    const acc_t x_hat = standardise_x(static_cast<acc_t>(x[i * Kx + u]));
     out[i * Kx + u] = static_cast<scalar_t>(math::standardise_backward(g_at(i), g_mean, x_hat, gx, inv, n_var));
   }
 }

@@ -176,6 +176,26 @@ C10_HOST_DEVICE inline T scaled_inv_std(T var_hat, T eps, int e) {
   return T(1) / ::sqrt(::ldexp(var_hat, 2 * e) + eps);
 }
 
+// ---- cross-correlation standardisation near the top of the range (issue 17) ----
+// (x - mean) * inv_std, as three per-column factors: x * pre - mean_pre, times post. Only a column with
+// |mean| >= max 2^-30 can have x - mean beyond the largest finite value (|x| <= max, and below that |mean| is under
+// half an ulp of max) while x_hat itself is O(1); such a column is standardised from exact halves,
+// (x/2 - mean/2) (2 inv_std). Every other column gets pre = 1: the usual (x - mean) inv_std, bit for bit.
+template <typename T>
+struct Standardiser {
+  T pre, mean_pre, post;
+  C10_HOST_DEVICE T operator()(T x) const {
+    return (x * pre - mean_pre) * post;
+  }
+};
+
+template <typename T>
+C10_HOST_DEVICE inline Standardiser<T> make_standardiser(T mean, T inv_std) {
+  const bool halve = (mean < T(0) ? -mean : mean) >= std::numeric_limits<T>::max() * T(9.313225746154785e-10);
+  const T pre = halve ? T(0.5) : T(1);
+  return {pre, mean * pre, inv_std * (halve ? T(2) : T(1))};
+}
+
 // One element of the matching backward: cosine a g - b t; l2 a (g - t) with a = 2 grad (no a g - a t overflow).
 template <typename T>
 C10_HOST_DEVICE inline T matching_grad(bool cosine, T a, T b, T g, T t) {
