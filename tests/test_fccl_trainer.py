@@ -261,8 +261,14 @@ def test_backends_agree(tmp_path):
     for backend in ("fcl_ext", "reference"):
         cfg = tiny_config(tmp_path, fccl={"rounds": 1, "loss_backend": backend})
         records[backend] = run_training("fccl", cfg, out_dir=tmp_path / backend, verbose=False).records[0]
-    for key in ("p0_plain_collab_loss", "p1_inverted_local_loss"):
-        assert records["fcl_ext"][key] == pytest.approx(records["reference"][key], rel=1e-4, abs=1e-5)
+    # The collaborative loss is the first thing a round computes: the backends agree to float32 rounding there
+    # (measured 4e-7 to 7e-7 relative). The local losses are means over steps taken after the collaborative updates,
+    # where that rounding has been amplified by training: 1e-5 to 3e-4 relative between the backends, at every
+    # commit checked (e76ad19 included), so they get a tolerance above that spread, not the collaborative one.
+    for key in ("p0_plain_collab_loss", "p1_inverted_collab_loss"):
+        assert records["fcl_ext"][key] == pytest.approx(records["reference"][key], rel=1e-5, abs=1e-6), key
+    for key in ("p0_plain_local_loss", "p1_inverted_local_loss"):
+        assert records["fcl_ext"][key] == pytest.approx(records["reference"][key], rel=2e-3), key
 
 
 def test_pretraining_is_cached(tmp_path):
