@@ -56,7 +56,10 @@ def check_number(value, name: str) -> float:
     if kind is not float and kind is not int and (
             isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))):
         raise TypeError(f"{name} must be a real number, got {kind.__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range (10**400)
+        raise ValueError(f"{name} must be a finite number, got an int of {value.bit_length()} bits") from None
     if value - value != 0.0:  # NaN or +-inf (inf - inf is NaN)
         raise ValueError(f"{name} must be a finite number, got {value}")
     return value

@@ -257,3 +257,10 @@ def test_device_error_codes_match_the_kernels_and_each_has_a_message():
         assert getattr(device_errors, python_name) == value, name
         text = device_errors.describe(dict(code=value, op=3, index=1, value=0, bound=4, what=0, count=1))
         assert "unknown error code" not in text, name
+
+
+def test_an_int_beyond_float_range_is_a_value_error_naming_the_argument():
+    # float(10**400) raised a bare OverflowError that did not say which argument
+    from fcl_ext import ops
+    with pytest.raises(ValueError, match="eps must be a finite number"):
+        ops.softmax_entropy(torch.randn(2, 3), eps=10 ** 400)
